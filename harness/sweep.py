@@ -1,0 +1,199 @@
+"""Plan a sweep (methods x seeds of a suite, with overrides) into trial specs, and execute
+trials: skip finished ones, resume partial ones, record failures and keep going."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.config import EvalConfig, Overrides, Suite, TrialSpec, build_method_config, coerce
+from harness.datasets import create_dataset, dataset_options
+from harness.errors import ConfigError, WsssError, suggest, unknown
+from harness.runner import ProgressFn, TrialRunner
+from harness.tracking import Tracker
+from harness.trial import STAGES, TrialDir
+from methods import load_all
+
+
+def plan_trials(
+    suite: Suite,
+    methods: list[str],
+    seeds: list[int] | None,
+    overrides: Overrides,
+    data_root: str | None,
+    cache_dir: Path,
+) -> list[TrialSpec]:
+    """Resolve every (method, seed) of the sweep into a full TrialSpec, validating every
+    name and value first, so a typo fails before any trial starts."""
+    registry = load_all()
+    if not methods:
+        raise ConfigError(f"No methods selected. Pass --methods (valid: {', '.join(sorted(registry))}).")
+    for name in methods:
+        if name not in registry:
+            raise unknown("method", name, registry)
+    for scope in overrides.methods:
+        if scope not in methods:
+            raise ConfigError(f"Override scope `{scope}.` is neither a selected method ({', '.join(methods)}) nor `dataset.` / `eval.`.{suggest(scope, list(methods) + ['dataset', 'eval'])}")
+    root = data_root or suite.data_root
+    options = _dataset_options(suite, overrides)
+    create_dataset(suite.dataset, Path(root) if root else None, cache_dir, dict(options))  # fail fast on bad data
+    eval_values = {**dataclasses.asdict(_eval_config(suite, overrides))}
+    configs = {name: _method_config(name, registry[name], suite, overrides) for name in methods}
+    _check_shared_overrides(overrides, registry, methods)
+    specs = []
+    for seed in seeds if seeds is not None else suite.seeds:
+        for name in methods:
+            specs.append(
+                TrialSpec(
+                    suite=suite.name,
+                    method=name,
+                    method_config=configs[name],
+                    dataset=suite.dataset,
+                    data_root=str(Path(root).resolve()) if root else None,
+                    dataset_options=options,
+                    splits=dict(suite.splits),
+                    eval=eval_values,
+                    seed=int(seed),
+                )
+            )
+    return specs
+
+
+def _dataset_options(suite: Suite, overrides: Overrides) -> dict[str, Any]:
+    defaults = dataset_options(suite.dataset)
+    values = dict(defaults)
+    for source, items in (("suite " + str(suite.path), suite.dataset_options), ("override", overrides.dataset)):
+        for key, value in items.items():
+            if key not in defaults:
+                raise ConfigError(f"Dataset `{suite.dataset}` ({source}) has no option `{key}`.{suggest(key, defaults)} Options: {', '.join(defaults)}.")
+            default = defaults[key]
+            values[key] = coerce(value, type(default), f"dataset option `{key}`") if default is not None else value
+    return values
+
+
+def _eval_config(suite: Suite, overrides: Overrides) -> EvalConfig:
+    config = dataclasses.replace(suite.eval)
+    fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
+    for key, value in overrides.eval.items():
+        if key not in fields:
+            raise ConfigError(f"Unknown eval option `{key}`.{suggest(key, fields)} Options: {', '.join(fields)}.")
+        setattr(config, key, coerce(value, fields[key].type, f"eval option `{key}`"))
+    if config.convention not in ("present", "gt"):
+        raise ConfigError(f"eval option `convention` must be \"present\" or \"gt\", got {config.convention!r}.")
+    return config
+
+
+def _method_config(name: str, cls: type, suite: Suite, overrides: Overrides) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    values = dict(suite.method_params.get(name, {}))
+    values.update({k: v for k, v in overrides.shared.items() if k in fields})
+    values.update(overrides.methods.get(name, {}))
+    config = build_method_config(cls.Config, values, f"method `{name}`")
+    return config.to_dict()
+
+
+def _check_shared_overrides(overrides: Overrides, registry: dict, methods: list[str]) -> None:
+    every = set().union(*({f.name for f in dataclasses.fields(registry[m].Config)} for m in methods))
+    for key in overrides.shared:
+        if key not in every:
+            raise ConfigError(f"Override `{key}` is not a field of any selected method ({', '.join(methods)}).{suggest(key, every)} Use `dataset.{key}=` or `eval.{key}=` for dataset / evaluation options.")
+
+
+def sweep_key(specs: list[TrialSpec]) -> str:
+    """Order-free identity of a sweep: the same trials give the same parent run."""
+    return hashlib.sha256(",".join(sorted(s.trial_id for s in specs)).encode()).hexdigest()[:16]
+
+
+# -- execution ----------------------------------------------------------------------------------
+
+@dataclass
+class TrialOutcome:
+    spec: TrialSpec
+    state: str  # finished | skipped | failed | interrupted
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+    run_id: str | None = None
+    resumed_from: str | None = None
+
+
+def trial_state(spec: TrialSpec, results_dir: Path, tracker: Tracker) -> str:
+    """finished / partial (next stage) / failed / new, from the trial dir and MLflow."""
+    root = results_dir / "trials" / spec.trial_id
+    tdir_done = (root / "state.json").exists() and TrialDir(results_dir, spec).is_complete()
+    if tdir_done and tracker.finished_run(spec.trial_id):
+        return "finished"
+    status = tracker.trial_status(spec.trial_id)
+    if (root / "state.json").exists():
+        nxt = TrialDir(results_dir, spec).next_stage()
+        if nxt is None:
+            return "finished (not yet in MLflow)"
+        return f"{'failed' if status == 'failed' else 'partial'}, resumes at {nxt}"
+    return "failed" if status == "failed" else "new"
+
+
+def execute_trial(
+    spec: TrialSpec,
+    results_dir: Path,
+    tracking_uri: str,
+    device: str = "cpu",
+    force: bool = False,
+    parent_run_id: str | None = None,
+    progress: ProgressFn | None = None,
+    stop_after: str | None = None,
+) -> TrialOutcome:
+    """Run one trial end to end with tracking. Used in-process and by remote workers."""
+    tracker = Tracker(tracking_uri, spec.suite)
+    tdir = TrialDir(results_dir, spec)
+    if force:
+        tracker.supersede(spec.trial_id)
+        tdir.clear()
+    elif tdir.is_complete() and tracker.finished_run(spec.trial_id):
+        return TrialOutcome(spec, "skipped", run_id=tracker.finished_run(spec.trial_id))
+    run_id = tracker.open_trial_run(spec, parent_run_id, device)
+    runner = TrialRunner(spec, results_dir, device=device, progress=progress, stop_after=stop_after,
+                         log_metric=lambda name, value, step: tracker.log_metric_points(run_id, [(name, value, step)]))
+    try:
+        result = runner.run()
+    except KeyboardInterrupt:
+        tracker.client.set_tag(run_id, "wsss.status", "interrupted")
+        tracker.client.set_terminated(run_id, status="KILLED")
+        raise
+    except Exception as exc:  # the sweep goes on; the error is recorded, never lost
+        message = str(exc) if isinstance(exc, WsssError) else f"{type(exc).__name__}: {exc}"
+        error_path = tdir.write_error(traceback.format_exc())
+        tracker.fail_trial(run_id, error_path, message)
+        return TrialOutcome(spec, "failed", error=message, run_id=run_id)
+    if not tdir.is_complete():  # stop_after: a clean, resumable stop
+        tracker.client.set_tag(run_id, "wsss.status", "partial")
+        tracker.client.set_terminated(run_id, status="KILLED")
+        return TrialOutcome(spec, "interrupted", result.metrics, run_id=run_id, resumed_from=result.resumed_from)
+    tracker.finish_trial(run_id, result, tdir.root)
+    return TrialOutcome(spec, "finished", result.metrics, run_id=run_id, resumed_from=result.resumed_from)
+
+
+def run_local(
+    specs: list[TrialSpec],
+    results_dir: Path,
+    tracking_uri: str,
+    device: str,
+    force: bool,
+    parent_run_id: str | None,
+    progress_factory: Callable[[TrialSpec], ProgressFn] | None = None,
+    on_outcome: Callable[[TrialOutcome], None] | None = None,
+) -> list[TrialOutcome]:
+    """Run trials one after another in this process."""
+    outcomes = []
+    for spec in specs:
+        progress = progress_factory(spec) if progress_factory else None
+        outcome = execute_trial(spec, results_dir, tracking_uri, device, force, parent_run_id, progress)
+        outcomes.append(outcome)
+        if on_outcome:
+            on_outcome(outcome)
+    return outcomes
+
+
+__all__ = ["plan_trials", "execute_trial", "run_local", "trial_state", "sweep_key", "TrialOutcome", "STAGES"]

@@ -1,0 +1,248 @@
+"""MLflow tracking through ``MlflowClient`` with explicit run ids (the fluent API is not
+thread-safe). One experiment per suite (``wsss-bench/<suite>``), one parent run per sweep,
+one nested run per trial.
+
+Metric schema (all mIoU values in percent; ``*_gt`` / ``*_present`` name the averaging
+convention, the unsuffixed name uses the suite's default, "present"):
+
+=========================  ===================================================================
+``cam_miou``               CAM mIoU at the sweep's best background threshold (an oracle: the
+                           threshold is picked with train pixel labels), cam-eval split
+``cam_best_threshold``     that threshold
+``cam_miou_fixed``         CAM mIoU at the suite's fixed threshold (not an oracle)
+``cam_curve``              CAM mIoU per threshold, logged with step = round(100 * threshold)
+``mask_miou``              pseudo-mask mIoU on the training split (images with GT)
+``val_miou_ss``            val mIoU, single scale
+``val_miou_ms``            val mIoU, the method's multi-scale + flip protocol
+``val_miou_ms_crf``        the same followed by dense CRF
+``iou_<what>/<class>``     per-class IoU for what in cam, mask, val_ss, val_ms, val_ms_crf
+``time_<stage>_s``         wall time per stage (``cpu_<stage>_s`` process CPU time);
+                           ``time_total_s`` their sum
+``peak_rss_<stage>_mb``    peak resident memory of the process by the end of the stage
+                           (``peak_gpu_<stage>_mb`` CUDA peak within the stage)
+``params_<net>``           parameters per network, ``params_total``
+``gmacs_<net>``            GMACs of one forward pass at the benchmark input size, ``gmacs_total``
+=========================  ===================================================================
+
+Tags: ``wsss.trial_id``, ``wsss.method``, ``wsss.dataset``, ``wsss.suite``, ``wsss.seed``,
+``wsss.status`` (running / finished / failed), ``wsss.code_version``, ``wsss.git_commit``,
+``wsss.torch``, ``wsss.timm``, ``wsss.hardware``, ``wsss.stage_status`` (e.g. train_seg=fused).
+Params: the resolved trial config flattened (``method.*``, ``dataset.*``, ``eval.*``, ``seed``).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+
+from harness.config import TrialSpec
+from harness.errors import TrackingError
+
+EXPERIMENT_PREFIX = "wsss-bench/"
+STATUS_TAG = "wsss.status"
+TRIAL_TAG = "wsss.trial_id"
+
+
+def default_tracking_uri(results_dir: Path) -> str:
+    return f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail early, with a clear message, on a store that cannot be used."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        parent = db.parent
+        if not parent.exists():
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TrackingError(f"Tracking URI {uri}: cannot create directory {parent} ({exc.strerror}).") from None
+        if db.exists() and not _writable(db) or not _writable(parent):
+            raise TrackingError(f"Tracking URI {uri}: {db if db.exists() else parent} is not writable. Choose another --tracking-uri or results directory.")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"Tracking server {uri} is unreachable ({reason}). Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000 "
+                f"--backend-store-uri sqlite:///mlflow.db`), or drop --tracking-uri / MLFLOW_TRACKING_URI to use the local SQLite store."
+            ) from None
+    elif uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(f"Tracking URI {uri!r}: the MLflow file store is deprecated; use sqlite:///path/to/mlflow.db or an http:// tracking server.")
+
+
+def _writable(path: Path) -> bool:
+    import os
+
+    return os.access(path, os.W_OK)
+
+
+def code_version() -> dict[str, str]:
+    import timm
+    import torch
+
+    from harness import __version__
+
+    commit = "unknown"
+    try:
+        repo = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()
+        if dirty and commit != "unknown":
+            commit += "-dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"wsss.code_version": __version__, "wsss.git_commit": commit, "wsss.torch": torch.__version__, "wsss.timm": timm.__version__}
+
+
+def hardware(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu {platform.processor() or platform.machine()} x{__import__('os').cpu_count()}"
+
+
+def flatten(prefix: str, values: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flatten(name, value))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+class Tracker:
+    """One suite's experiment in one tracking store."""
+
+    def __init__(self, uri: str, suite: str) -> None:
+        check_tracking_uri(uri)
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_name = EXPERIMENT_PREFIX + suite
+        try:
+            experiment = self.client.get_experiment_by_name(self.experiment_name)
+            self.experiment_id = experiment.experiment_id if experiment else self._create_experiment()
+        except TrackingError:
+            raise
+        except Exception as exc:  # MLflow raises many types for a bad store
+            raise TrackingError(f"Tracking store {uri} cannot be used: {exc}") from None
+
+    def _create_experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(self.experiment_name)
+        except MlflowException:  # created concurrently by another process
+            return self.client.get_experiment_by_name(self.experiment_name).experiment_id
+
+    # -- queries ---------------------------------------------------------------------------
+    def live_runs(self, trial_id: str) -> list[Any]:
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=100)
+        return [r for r in runs if r.data.tags.get("wsss.superseded") != "true"]
+
+    def finished_run(self, trial_id: str) -> str | None:
+        for run in self.live_runs(trial_id):
+            if run.data.tags.get(STATUS_TAG) == "finished" and run.info.status == "FINISHED":
+                return run.info.run_id
+        return None
+
+    def trial_status(self, trial_id: str) -> str | None:
+        runs = self.live_runs(trial_id)
+        return runs[0].data.tags.get(STATUS_TAG) if runs else None
+
+    # -- runs ------------------------------------------------------------------------------
+    def sweep_run(self, key: str, description: str) -> str:
+        """The parent run of a sweep, reused when the same sweep is run again."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`wsss.sweep_key` = '{key}'", max_results=1)
+        if runs:
+            return runs[0].info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"sweep-{key[:8]}", tags={"wsss.sweep_key": key, "wsss.kind": "sweep", "mlflow.note.content": description})
+        return run.info.run_id
+
+    def open_trial_run(self, spec: TrialSpec, parent_run_id: str | None, device: str) -> str:
+        """Reuse the trial's unfinished run if there is one (no duplicates), else create it."""
+        for run in self.live_runs(spec.trial_id):
+            if run.data.tags.get(STATUS_TAG) != "finished":
+                self.client.set_tag(run.info.run_id, STATUS_TAG, "running")
+                self.client.update_run(run.info.run_id, status="RUNNING")
+                return run.info.run_id
+        tags = {
+            TRIAL_TAG: spec.trial_id,
+            "wsss.method": spec.method,
+            "wsss.dataset": spec.dataset,
+            "wsss.suite": spec.suite,
+            "wsss.seed": str(spec.seed),
+            STATUS_TAG: "running",
+            "wsss.hardware": hardware(device),
+            **code_version(),
+        }
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"{spec.method}-{spec.dataset}-s{spec.seed}-{spec.trial_id[:6]}", tags=tags)
+        run_id = run.info.run_id
+        params = {"suite": spec.suite, "seed": str(spec.seed), "dataset": spec.dataset, "data_root": str(spec.data_root)}
+        params.update(flatten("method", spec.method_config))
+        params.update(flatten("dataset", spec.dataset_options))
+        params.update(flatten("splits", spec.splits))
+        params.update(flatten("eval", spec.eval))
+        self.log_params(run_id, params)
+        return run_id
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        self.log_metric_points(run_id, [(k, v, step) for k, v in metrics.items()])
+
+    def log_metric_points(self, run_id: str, points: Iterable[tuple[str, float, int]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(s)) for k, v, s in points]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start : start + 1000])
+
+    def finish_trial(self, run_id: str, result: Any, trial_root: Path) -> None:
+        """Log a finished trial's metrics, curves and artifacts, then mark it finished."""
+        self.log_metrics(run_id, result.metrics)
+        for record in result.records.values():
+            for name, curve in record.curves.items():
+                self.log_metric_points(run_id, [(name, y, round(x * 100)) for x, y in curve])
+        stage_status = ",".join(f"{k}={v.status}" for k, v in result.records.items())
+        self.client.set_tag(run_id, "wsss.stage_status", stage_status)
+        for name in ("spec.json", "state.json"):
+            if (trial_root / name).exists():
+                self.client.log_artifact(run_id, str(trial_root / name))
+        gallery = trial_root / "gallery"
+        if gallery.is_dir() and any(gallery.iterdir()):
+            self.client.log_artifacts(run_id, str(gallery), artifact_path="gallery")
+        self.client.set_tag(run_id, STATUS_TAG, "finished")
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def fail_trial(self, run_id: str, error_path: Path, message: str) -> None:
+        self.client.set_tag(run_id, "wsss.error", message[:5000])
+        self.client.log_artifact(run_id, str(error_path))
+        self.client.set_tag(run_id, STATUS_TAG, "failed")
+        self.client.set_terminated(run_id, status="FAILED")
+
+    def supersede(self, trial_id: str) -> None:
+        """``--force``: keep the old runs (nothing recorded is lost) but hide them from reports."""
+        for run in self.live_runs(trial_id):
+            self.client.set_tag(run.info.run_id, "wsss.superseded", "true")

@@ -1,0 +1,203 @@
+"""The common method interface: five named stages every WSSS method implements.
+
+A method is one folder under ``methods/`` holding a :class:`Method` subclass decorated
+with :func:`register`. The harness (``harness/``) drives the stages, times them,
+checkpoints between them, evaluates their outputs and tracks everything; a method never
+imports the harness. Stages, in order:
+
+1. ``train_cam(train, ctx)``: train the classification / CAM network on image-level labels.
+2. ``cams(images, labels)``: class activation maps ``(B, C, H, W)`` float in ``[0, 1]`` at
+   image size, exactly zero for classes absent from ``labels``. Evaluated as **CAM mIoU**.
+3. ``pseudo_masks(images, cams, labels)``: training masks ``(B, H, W)`` int64 with values
+   in ``{0..C, 255}`` (0 background, ``c + 1`` for foreground class ``c``, 255 ignore).
+   Evaluated as **mask mIoU** on the training split.
+4. ``train_seg(train, ctx)``: train the segmentation network on the pseudo masks
+   (``Sample.mask`` holds the pseudo mask). End-to-end methods set
+   ``fused_segmentation = True``: their ``train_cam`` trains the segmentation network too,
+   and the harness skips this stage (recording it as fused, time 0).
+5. ``segment(images, multiscale)``: logits ``(B, C + 1, H, W)`` at image size. Evaluated as
+   **val mIoU**, single-scale (``multiscale=False``) and with the method's multi-scale + flip
+   protocol (``multiscale=True``), the latter also with dense CRF (``crf_params``).
+
+Tensors handed to a method: ``images`` float32 ``(B, 3, H, W)`` RGB in ``[0, 1]``
+(methods normalise themselves); ``labels`` float32 ``(B, C)`` multi-hot over the C
+foreground classes. Everything a stage learns must be in :meth:`Method.state_dict`, which
+the harness saves after each training stage and restores on resume.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a method may know about a dataset: its classes and its benchmark input size."""
+
+    name: str
+    class_names: tuple[str, ...]  # the C foreground classes; background is implicit (index 0)
+    input_size: int = 224  # side of the square input used for MACs and as crop default
+
+    @property
+    def num_classes(self) -> int:
+        """C, the number of foreground classes."""
+        return len(self.class_names)
+
+
+@dataclass
+class Sample:
+    """One image. ``mask`` is GT for evaluation, or the pseudo mask in ``train_seg``."""
+
+    id: str
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    labels: np.ndarray  # (C,) float32 multi-hot
+    mask: np.ndarray | None = None  # (H, W) uint8 in {0..C, 255}
+
+
+class SampleSource(Protocol):
+    """A split as a method's training stage sees it: indexable samples."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Sample: ...
+
+
+@dataclass
+class CRFParams:
+    """Dense CRF parameters (Kraehenbuehl & Koltun): Gaussian and bilateral kernels."""
+
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 80.0
+    bilateral_srgb: float = 13.0
+    bilateral_compat: float = 10.0
+    iterations: int = 10
+
+
+@dataclass
+class StageContext:
+    """What the harness gives a training stage: device, seed, a scratch directory for
+    mid-stage checkpoints (resumed by the method itself if it wants), and callbacks."""
+
+    device: torch.device
+    seed: int
+    workdir: Path
+    log_metric: Callable[[str, float, int], None] = lambda name, value, step: None
+    progress: Callable[[int, int], None] = lambda done, total: None
+    num_workers: int = 0
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator seeded from the trial seed (offset separates streams)."""
+        return torch.Generator().manual_seed(self.seed * 1000 + offset)
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's hyper-parameter dataclass. Fields are the override keys
+    (``wsss-bench run ... key=value``); defaults are the fast synthetic recipe unless a
+    suite file sets the paper's values."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Method(abc.ABC):
+    """Base class of every WSSS method. See the module docstring for the stage contract."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    fused_segmentation: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig, dataset: DatasetInfo, device: torch.device) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.device = device
+
+    # -- stages ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def train_cam(self, train: SampleSource, ctx: StageContext) -> None:
+        """Stage 1: train the CAM network on ``train`` (image-level labels only)."""
+
+    @abc.abstractmethod
+    def cams(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Stage 2: ``(B, 3, H, W)`` in [0, 1] -> ``(B, C, H, W)`` in [0, 1], zero where absent."""
+
+    @abc.abstractmethod
+    def pseudo_masks(self, images: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Stage 3: -> ``(B, H, W)`` int64 in {0..C, 255}."""
+
+    def train_seg(self, train: SampleSource, ctx: StageContext) -> None:
+        """Stage 4: train the segmentation network on pseudo masks (``Sample.mask``)."""
+        if not self.fused_segmentation:
+            raise NotImplementedError(f"method {self.name!r} must implement train_seg")
+
+    @abc.abstractmethod
+    def segment(self, images: torch.Tensor, multiscale: bool = False) -> torch.Tensor:
+        """Stage 5: ``(B, 3, H, W)`` -> logits ``(B, C + 1, H, W)``."""
+
+    # -- state and cost -------------------------------------------------------------------
+    @abc.abstractmethod
+    def networks(self) -> dict[str, nn.Module]:
+        """The trainable networks by name (saved, counted for params / MACs)."""
+
+    def macs_inputs(self) -> dict[str, tuple[Any, ...]]:
+        """Example forward inputs per network at the benchmark input size (for MACs)."""
+        size = self.dataset.input_size
+        return {name: (torch.zeros(1, 3, size, size),) for name in self.networks()}
+
+    def crf_params(self) -> CRFParams:
+        """Dense-CRF parameters for the ``+CRF`` val protocol."""
+        return CRFParams()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: net.state_dict() for name, net in self.networks().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, net in self.networks().items():
+            net.load_state_dict(state[name])
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available to the harness under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no `name`")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def iter_batches(n: int, batch_size: int) -> Iterator[range]:
+    """Consecutive index ranges covering ``range(n)``."""
+    for start in range(0, n, batch_size):
+        yield range(start, min(n, start + batch_size))
+
+
+def to_tensor_image(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
+    return torch.tensor(image, dtype=torch.float32).permute(2, 0, 1).div_(255.0)
+
+
+def to_uint8_image(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 (for CRF and galleries)."""
+    return (image.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def stack_samples(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same-size samples -> (images (B, 3, H, W), labels (B, C))."""
+    images = torch.stack([to_tensor_image(s.image) for s in samples])
+    labels = torch.from_numpy(np.stack([s.labels for s in samples])).float()
+    return images, labels

@@ -1,0 +1,1 @@
+"""Building blocks shared by several methods (backbones, dense CRF, training utilities)."""

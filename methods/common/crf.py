@@ -1,0 +1,80 @@
+"""Dense CRF (Kraehenbuehl & Koltun, NIPS 2011) through pydensecrf2, on numpy arrays.
+
+Two unaries are used by the methods: softmax probabilities (inference post-processing) and
+hard labels with a confidence ``gt_prob`` (WeakTr's pseudo-label refinement).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Sequence
+
+import multiprocessing as mp
+import numpy as np
+
+from methods.base import CRFParams
+
+
+def _pairwise(crf, image: np.ndarray, params: CRFParams) -> None:
+    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+    crf.addPairwiseBilateral(
+        sxy=params.bilateral_sxy,
+        srgb=params.bilateral_srgb,
+        rgbim=np.ascontiguousarray(image, dtype=np.uint8),
+        compat=params.bilateral_compat,
+    )
+
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
+    """Refine class probabilities ``probs`` (K, H, W) on ``image`` (H, W, 3) uint8.
+
+    Unary = -log(p); returns the CRF marginals (K, H, W) float32.
+    """
+    import pydensecrf.densecrf as dcrf
+
+    n_labels, height, width = probs.shape
+    if image.shape[:2] != (height, width):
+        raise ValueError(f"dense_crf: image is {image.shape[:2]} but probabilities are {(height, width)}")
+    unary = -np.log(np.clip(probs, 1e-8, 1.0)).reshape(n_labels, -1).astype(np.float32)
+    crf = dcrf.DenseCRF2D(width, height, n_labels)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary))
+    _pairwise(crf, image, params)
+    marginals = np.array(crf.inference(params.iterations), dtype=np.float32)
+    return marginals.reshape(n_labels, height, width)
+
+
+def dense_crf_labels(
+    image: np.ndarray, labels: np.ndarray, n_labels: int, params: CRFParams, gt_prob: float = 0.7
+) -> np.ndarray:
+    """Refine a hard label map ``labels`` (H, W) in [0, n_labels) with a label unary.
+
+    Each pixel's label gets probability ``gt_prob`` and the others share the rest
+    (``zero_unsure=False``: every pixel is a confident label). Returns (H, W) int64 labels.
+    """
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_labels
+
+    height, width = labels.shape
+    unary = unary_from_labels(labels.astype(np.int64), n_labels, gt_prob=gt_prob, zero_unsure=False)
+    crf = dcrf.DenseCRF2D(width, height, n_labels)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary.astype(np.float32)))
+    _pairwise(crf, image, params)
+    marginals = np.array(crf.inference(params.iterations), dtype=np.float32)
+    return marginals.reshape(n_labels, height, width).argmax(0).astype(np.int64)
+
+
+def _crf_job(args: tuple[np.ndarray, np.ndarray, CRFParams]) -> np.ndarray:
+    return dense_crf(*args)
+
+
+def dense_crf_many(
+    images: Sequence[np.ndarray], probs: Sequence[np.ndarray], params: CRFParams, workers: int | None = None
+) -> list[np.ndarray]:
+    """``dense_crf`` over many images, in parallel processes (the C++ inference holds the GIL)."""
+    jobs = [(img, p, params) for img, p in zip(images, probs, strict=True)]
+    workers = min(len(jobs), workers or os.cpu_count() or 1)
+    if workers <= 1:
+        return [_crf_job(job) for job in jobs]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+        return list(pool.map(_crf_job, jobs))

@@ -1,0 +1,17 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data folder ``../shared/data`` next to the repository (voc-mini, coco-tiny).
+
+    It may be absent (a bare clone): tests that need it must ``pytest.skip`` with the reason.
+    It is read-only: never write into it; copy what a test damages into ``tmp_path``.
+    """
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
