@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.panel import Panel
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "report": cmd_report, "list": cmd_list}[args.command](args)
     except WsssError as exc:
-        console.print(Panel(str(exc), title=f"[bold red]{type(exc).__name__}", border_style="red", expand=False))
+        console.print(f"[bold red]{type(exc).__name__}:[/] {escape(str(exc))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted. Finished trials and stages are kept; run the same command again to resume.")
@@ -148,20 +148,21 @@ def _print_summary(outcomes) -> None:
     for o in outcomes:
         m = o.metrics
         cell = lambda k: f"{m[k]:.1f}" if k in m else "-"  # noqa: E731
-        state = {"failed": "[red]failed", "skipped": "[dim]done earlier", "finished": "[green]finished"}.get(o.state, o.state)
+        state = {"failed": "[red]failed", "skipped": "[dim]skipped", "finished": "[green]finished"}.get(o.state, o.state)
         table.add_row(o.spec.trial_id, o.spec.method, str(o.spec.seed), state, cell("cam_miou"), cell("mask_miou"), cell("val_miou_ss"), cell("val_miou_ms_crf"), f"{m.get('time_total_s', 0):.0f}")
     console.print(table)
     for o in outcomes:
         if o.state == "failed":
-            console.print(Panel(o.error, title=f"[red]{o.spec.label} ({o.spec.trial_id}) failed", border_style="red", expand=False))
+            console.print(f"[red]{o.spec.label} ({o.spec.trial_id}) failed:[/] {escape(o.error)}", soft_wrap=True)
 
 
 def _print_leaderboard(board, out_dir: Path) -> None:
-    from rich.markdown import Markdown
+    """A compact terminal view; the full table is in the written files."""
+    from harness.report import leaderboard_table
 
-    from harness.report import to_markdown
-
-    console.print(Markdown(to_markdown(board)))
+    console.print(leaderboard_table(board))
+    if not board.failed.empty:
+        console.print(f"[red]{len(board.failed)} failed or unfinished trial(s) are listed in the report, not averaged.")
     console.print(f"Leaderboard written to {out_dir}/leaderboard.md and .csv")
 
 

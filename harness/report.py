@@ -180,6 +180,22 @@ def to_markdown(board: Leaderboard) -> str:
     return "\n".join(lines) + "\n"
 
 
+def leaderboard_table(board: Leaderboard):
+    """The leaderboard as a rich Table for the terminal (key columns only)."""
+    from rich.table import Table
+
+    table = Table(title="wsss-bench leaderboard (mIoU %, mean ± std over seeds)")
+    columns = [("cam_miou", "CAM*"), ("cam_miou_fixed", "CAM@t"), ("mask_miou", "mask"), ("val_miou_ss", "val SS"), ("val_miou_ms_crf", "val MS+CRF"), ("time_total_s", "time s")]
+    for title in ["suite", "method", "n"] + [t for _, t in columns] + ["M params", "GMACs"]:
+        table.add_column(title)
+    for _, row in board.table.iterrows():
+        name = row["method"] + (f" [{row['variant']}]" if row["variant"] else "")
+        cells = [_fmt(row[f"{m}_mean"], row[f"{m}_std"], 0 if m.startswith("time") else 1) for m, _ in columns]
+        table.add_row(row["suite"], name, str(row["n_seeds"]), *cells, f"{row['params_total'] / 1e6:.2f}", f"{row['gmacs_total']:.2f}")
+    table.caption = "CAM* = best background threshold (oracle); CAM@t = the suite's fixed threshold"
+    return table
+
+
 def write_report(tracking_uri: str, out_dir: Path, suites: list[str] | None = None, references: dict | None = None) -> Leaderboard:
     """Write leaderboard.md and leaderboard.csv into ``out_dir``; returns the leaderboard."""
     board = build_leaderboard(fetch_runs(tracking_uri, suites), references)

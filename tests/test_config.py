@@ -1,0 +1,87 @@
+"""Suites, overrides, trial ids and the error messages users see for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.config import Overrides, TrialSpec, load_suite, parse_overrides
+from harness.errors import ConfigError
+from harness.sweep import plan_trials
+
+TINY = {"num_train": "8", "num_val": "4", "image_size": "64"}
+
+
+def _plan(tmp_path: Path, methods=("cam",), seeds=(0,), **overrides_kw):
+    suite = load_suite("synthetic")
+    overrides = overrides_kw.get("overrides") or Overrides(dataset=dict(TINY))
+    return plan_trials(suite, list(methods), list(seeds), overrides, None, tmp_path / "cache")
+
+
+def test_overrides_are_sorted_into_scopes():
+    o = parse_overrides(["epochs=3", "cam.lr=0.1", "dataset.num_train=5", "eval.crf=false"])
+    assert o.shared == {"epochs": "3"}
+    assert o.methods == {"cam": {"lr": "0.1"}}
+    assert o.dataset == {"num_train": "5"}
+    assert o.eval == {"crf": "false"}
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["epochs"])
+
+
+def test_trial_id_is_order_free_and_value_sensitive(tmp_path):
+    a = _plan(tmp_path, seeds=(0, 1))
+    b = _plan(tmp_path, seeds=(1, 0))
+    assert sorted(s.trial_id for s in a) == sorted(s.trial_id for s in b)
+    c = _plan(tmp_path, overrides=Overrides(dataset=dict(TINY), shared={"epochs": "3"}))
+    assert c[0].trial_id not in {s.trial_id for s in a}
+    assert TrialSpec.from_dict(a[0].to_dict()).trial_id == a[0].trial_id
+
+
+def test_override_values_are_typed(tmp_path):
+    spec = _plan(tmp_path, overrides=Overrides(dataset=dict(TINY), shared={"epochs": "3", "cam_scales": "1.0,0.5", "pseudo_crf": "true"}))[0]
+    assert spec.method_config["epochs"] == 3
+    assert spec.method_config["cam_scales"] == (1.0, 0.5)
+    assert spec.method_config["pseudo_crf"] is True
+    assert spec.dataset_options["num_train"] == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(methods=("cma",)), 'Unknown method "cma". Did you mean "cam"?'),
+        (dict(overrides=Overrides(dataset=dict(TINY), shared={"epoch": "3"})), 'Did you mean "epochs"?'),
+        (dict(overrides=Overrides(dataset={"num_trian": "3"})), 'Did you mean "num_train"?'),
+        (dict(overrides=Overrides(dataset=dict(TINY), eval={"crff": "1"})), 'Did you mean "crf"?'),
+        (dict(overrides=Overrides(dataset=dict(TINY), shared={"epochs": "three"})), "expected an integer, got 'three'"),
+        (dict(overrides=Overrides(dataset=dict(TINY), methods={"afx": {"lr": "1"}})), "Override scope `afx.`"),
+    ],
+)
+def test_bad_names_and_values_get_a_clear_message(tmp_path, kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        _plan(tmp_path, **kwargs)
+    assert message in str(info.value)
+
+
+def test_unknown_suite_and_bad_suite_file(tmp_path):
+    with pytest.raises(ConfigError, match='Did you mean "synthetic"'):
+        load_suite("synthetc")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[suite]\ndataset = 'synthetic'\n[methodz.cam]\n")
+    with pytest.raises(ConfigError, match=r"unknown table \[methodz\]"):
+        load_suite(str(bad))
+    bad.write_text("[suite\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_suite(str(bad))
+
+
+def test_every_shipped_suite_loads_and_plans(tmp_path):
+    from harness.config import list_suites
+
+    for name, path in list_suites().items():
+        suite = load_suite(str(path))
+        assert suite.dataset in ("synthetic", "voc", "coco"), name
+        assert suite.methods, f"suite {name} lists no methods"
