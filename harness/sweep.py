@@ -151,8 +151,10 @@ def execute_trial(
     if force:
         tracker.supersede(spec.trial_id)
         tdir.clear()
-    elif tdir.is_complete() and tracker.finished_run(spec.trial_id):
-        return TrialOutcome(spec, "skipped", run_id=tracker.finished_run(spec.trial_id))
+    elif (finished := tracker.finished_run(spec.trial_id)) is not None:
+        # MLflow holds the finished run's numbers: never run it again, even if the trial
+        # directory was removed (a complete directory without a run is re-logged below).
+        return TrialOutcome(spec, "skipped", run_id=finished)
     run_id = tracker.open_trial_run(spec, parent_run_id, device)
     runner = TrialRunner(spec, results_dir, device=device, progress=progress, stop_after=stop_after,
                          log_metric=lambda name, value, step: tracker.log_metric_points(run_id, [(name, value, step)]))

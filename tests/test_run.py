@@ -158,3 +158,23 @@ def test_results_dir_that_is_a_file(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["run", "--methods", "cam", "--dataset", "synthetic", "--results", str(blocker / "r")]) == 2
     assert "not writable" in capsys.readouterr().out
+
+
+def test_lost_store_or_lost_trial_dir_never_recomputes(tmp_path):
+    results = tmp_path / "r"
+    assert _run(results) == 0
+    trial = next((results / "trials").iterdir())
+    metrics = _runs(results)[0].data.metrics
+    checkpoint_mtime = (trial / "checkpoints" / "train_cam.pt").stat().st_mtime_ns
+    # A new tracking store: the finished trial directory is logged again, not recomputed.
+    (results / "mlflow.db").unlink()
+    assert _run(results) == 0
+    assert (trial / "checkpoints" / "train_cam.pt").stat().st_mtime_ns == checkpoint_mtime
+    runs = _runs(results)
+    assert len(runs) == 1 and runs[0].data.metrics["cam_miou"] == metrics["cam_miou"]
+    # The trial directory removed: MLflow still holds the finished run, so nothing re-runs.
+    import shutil
+
+    shutil.rmtree(trial)
+    assert _run(results) == 0
+    assert not (trial / "state.json").exists() and len(_runs(results)) == 1

@@ -10,6 +10,7 @@ is lazy and validating: a broken file is reported when it is first read, by a
 from __future__ import annotations
 
 import abc
+import io
 import os
 import uuid
 from pathlib import Path
@@ -145,8 +146,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def png_bytes(array: np.ndarray) -> bytes:
     """Encode an (H, W) uint8 or (H, W, 3) uint8 array as PNG (lossless, deterministic)."""
-    import io
-
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

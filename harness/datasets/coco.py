@@ -226,7 +226,9 @@ class COCODataset(Dataset):
                 "and images/{train,val}2017/."
             )
         if not (self.root / "annotations").is_dir():
-            raise DataError(f"COCO root {self.root} has no annotations/ folder; expected annotations/instances_*.json in it.")
+            raise DataError(
+                f"COCO root {self.root} has no annotations/ folder; expected annotations/instances_*.json in it."
+            )
 
     def _build_info(self) -> DatasetInfo:
         return DatasetInfo(self.name, COCO_CLASSES, input_size=self.options["input_size"])

@@ -65,6 +65,7 @@ MIN_PART_VISIBLE = 0.75  # ... and of its discriminative part
 MAX_TRIES = 25  # placements tried before an object is dropped
 
 Colour = np.ndarray  # (3,) float32 RGB in 0..255
+Rng = np.random.Generator
 
 
 # -- drawing primitives --------------------------------------------------------------------
@@ -114,7 +115,7 @@ class Band:
     layer: Layer
 
 
-def value_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+def value_noise(rng: Rng, size: int, cells: int) -> np.ndarray:
     """Smooth noise in [0, 1]: a random (cells+1)^2 grid, bilinearly interpolated."""
     grid = rng.random((cells + 1, cells + 1), dtype=np.float32)
     pos = np.linspace(0.0, cells, size, endpoint=False, dtype=np.float32)
@@ -135,17 +136,20 @@ def wave(coord: np.ndarray, period: float, phase: float, sharp: float = 3.0) -> 
     return np.clip(0.5 + sharp * 0.5 * np.sin(coord * (2 * math.pi / period) + phase), 0.0, 1.0)
 
 
-def palette(rng: np.random.Generator, *bases: tuple[int, int, int], sd: float = 14.0) -> list[Colour]:
+def palette(rng: Rng, *bases: tuple[int, int, int], sd: float = 14.0) -> list[Colour]:
     """Jittered copies of base colours with one shared brightness factor."""
     gain = rng.uniform(0.82, 1.15)
-    return [np.clip((np.array(b, np.float32) + rng.normal(0, sd, 3)) * gain, 0, 255).astype(np.float32) for b in bases]
+    return [
+        np.clip((np.array(base, np.float32) + rng.normal(0, sd, 3)) * gain, 0, 255).astype(np.float32)
+        for base in bases
+    ]
 
 
 def ellipse(u: np.ndarray, v: np.ndarray, a: float, b: float) -> np.ndarray:
     return (u / a) ** 2 + (v / b) ** 2 <= 1.0
 
 
-def random_centre(rng: np.random.Generator, canvas: Canvas, radius: float, inside: float = 0.7) -> tuple[float, float]:
+def random_centre(rng: Rng, canvas: Canvas, radius: float, inside: float = 0.7) -> tuple[float, float]:
     """A centre that keeps an object of this radius inside the image (its central
     ``inside`` fraction; 1.0 = all of it)."""
     margin = min(inside * radius, canvas.size / 2 - 1)
@@ -155,7 +159,7 @@ def random_centre(rng: np.random.Generator, canvas: Canvas, radius: float, insid
 # -- textures ------------------------------------------------------------------------------
 
 
-def fur(rng: np.random.Generator, canvas: Canvas) -> np.ndarray:
+def fur(rng: Rng, canvas: Canvas) -> np.ndarray:
     """The generic mottled texture shared by bird bodies, fish bodies and distractors."""
     n = canvas.size
     t = 0.65 * value_noise(rng, n, max(2, n // 7)) + 0.35 * value_noise(rng, n, max(3, n // 3))
@@ -163,12 +167,14 @@ def fur(rng: np.random.Generator, canvas: Canvas) -> np.ndarray:
     return mix(t, light, dark)
 
 
-def body_axes(rng: np.random.Generator, canvas: Canvas) -> tuple[float, float]:
+def body_axes(rng: Rng, canvas: Canvas) -> tuple[float, float]:
     """Semi-axes of the shared generic body (same distribution for bird, fish, distractor)."""
     return rng.uniform(15, 21) * canvas.scale, rng.uniform(9, 12) * canvas.scale
 
 
-def generic_body(rng: np.random.Generator, canvas: Canvas, axes: tuple[float, float], cx: float, cy: float, angle: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def generic_body(
+    rng: Rng, canvas: Canvas, axes: tuple[float, float], cx: float, cy: float, angle: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The shared ellipse body in fur: (mask, rgb, u, v) with (u, v) its local coordinates."""
     u, v = canvas.local(cx, cy, angle)
     return ellipse(u, v, *axes), fur(rng, canvas), u, v
@@ -176,10 +182,10 @@ def generic_body(rng: np.random.Generator, canvas: Canvas, axes: tuple[float, fl
 
 # -- classes -------------------------------------------------------------------------------
 
-Painter = Callable[[np.random.Generator, Canvas, "Band | None"], Layer]
+Painter = Callable[[Rng, Canvas, "Band | None"], Layer]
 
 
-def paint_bird(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> Layer:
+def paint_bird(rng: Rng, canvas: Canvas, band: Band | None) -> Layer:
     """Generic body + small yellow head with a dark eye at the front end (the part)."""
     s = canvas.scale
     axes = body_axes(rng, canvas)
@@ -197,7 +203,7 @@ def paint_bird(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> L
     return Layer(-1, body | head, rgb, head)
 
 
-def paint_fish(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> Layer:
+def paint_fish(rng: Rng, canvas: Canvas, band: Band | None) -> Layer:
     """Generic body + small pink striped tail fin at the back end (the part)."""
     s = canvas.scale
     axes = body_axes(rng, canvas)
@@ -214,7 +220,7 @@ def paint_fish(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> L
     return Layer(-1, body | tail, rgb, tail & ~body)
 
 
-def paint_disc(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> Layer:
+def paint_disc(rng: Rng, canvas: Canvas, band: Band | None) -> Layer:
     """A slightly elliptic disc with concentric blue-white rings."""
     s = canvas.scale
     r = rng.uniform(10, 17) * s
@@ -226,7 +232,7 @@ def paint_disc(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> L
     return Layer(-1, ellipse(u, v, r, r * aspect), mix(t, blue, white))
 
 
-def paint_bar(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> Layer:
+def paint_bar(rng: Rng, canvas: Canvas, band: Band | None) -> Layer:
     """A long rotated bar with red stripes running along its axis."""
     s = canvas.scale
     half_len, half_w = rng.uniform(16, 26) * s, rng.uniform(4.0, 6.0) * s
@@ -237,7 +243,7 @@ def paint_bar(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> La
     return Layer(-1, (np.abs(u) <= half_len) & (np.abs(v) <= half_w), mix(t, red, salmon))
 
 
-def paint_boat(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> Layer:
+def paint_boat(rng: Rng, canvas: Canvas, band: Band | None) -> Layer:
     """Plank hull with a white sail; on water its hull straddles the waterline."""
     s = canvas.scale
     width, depth = rng.uniform(26, 36) * s, rng.uniform(7, 10) * s
@@ -256,7 +262,7 @@ def paint_boat(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> L
     return Layer(-1, hull | sail, rgb)
 
 
-def paint_car(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> Layer:
+def paint_car(rng: Rng, canvas: Canvas, band: Band | None) -> Layer:
     """Orange body, pale cabin window, two black wheels; on a road its wheels touch it."""
     s = canvas.scale
     length, height = rng.uniform(26, 34) * s, rng.uniform(8, 11) * s
@@ -276,7 +282,7 @@ def paint_car(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> La
     return Layer(-1, body | cabin | wheels, rgb)
 
 
-def paint_cross(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> Layer:
+def paint_cross(rng: Rng, canvas: Canvas, band: Band | None) -> Layer:
     """A plus sign with a green checkerboard."""
     s = canvas.scale
     arm, half_w = rng.uniform(11, 16) * s, rng.uniform(3.5, 5.0) * s
@@ -289,7 +295,7 @@ def paint_cross(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> 
     return Layer(-1, mask, mix(t, green, dark))
 
 
-def paint_ring(rng: np.random.Generator, canvas: Canvas, band: Band | None) -> Layer:
+def paint_ring(rng: Rng, canvas: Canvas, band: Band | None) -> Layer:
     """An annulus with purple dots on lilac."""
     s = canvas.scale
     outer = rng.uniform(10, 15) * s
@@ -331,7 +337,7 @@ CLASSES: tuple[ClassSpec, ...] = (
 # -- background ----------------------------------------------------------------------------
 
 
-def paint_background(rng: np.random.Generator, canvas: Canvas) -> np.ndarray:
+def paint_background(rng: Rng, canvas: Canvas) -> np.ndarray:
     """Smooth two-colour value noise in muted colours, with finer grain on top."""
     n = canvas.size
     grey_a, grey_b = rng.uniform(80, 190, 2)
@@ -341,7 +347,7 @@ def paint_background(rng: np.random.Generator, canvas: Canvas) -> np.ndarray:
     return rgb + (value_noise(rng, n, max(4, n // 4)) - 0.5)[..., None] * 30.0
 
 
-def paint_band(rng: np.random.Generator, canvas: Canvas, kind: str) -> Band:
+def paint_band(rng: Rng, canvas: Canvas, kind: str) -> Band:
     """Water (blue ripples, wavy edge) or road (asphalt, dashed line) along the bottom."""
     s, n = canvas.scale, canvas.size
     height = rng.uniform(0.3, 0.42) * n
@@ -362,7 +368,7 @@ def paint_band(rng: np.random.Generator, canvas: Canvas, kind: str) -> Band:
     return Band(kind, float(top), Layer(-1, canvas.ys >= edge, rgb.astype(np.float32)))
 
 
-def paint_clutter(rng: np.random.Generator, canvas: Canvas) -> Layer:
+def paint_clutter(rng: Rng, canvas: Canvas) -> Layer:
     """A small muted blob (ellipse, square or triangle): visual noise with no class."""
     s = canvas.scale
     size = rng.uniform(3, 9) * s
@@ -379,7 +385,7 @@ def paint_clutter(rng: np.random.Generator, canvas: Canvas) -> Layer:
     return Layer(-1, mask, np.broadcast_to(colour, (*mask.shape, 3)))
 
 
-def paint_distractor(rng: np.random.Generator, canvas: Canvas) -> Layer:
+def paint_distractor(rng: Rng, canvas: Canvas) -> Layer:
     """The generic fur body with no part: what makes the body non-discriminative."""
     axes = body_axes(rng, canvas)
     cx, cy = random_centre(rng, canvas, axes[0])
@@ -415,16 +421,19 @@ def generate_sample(options: dict[str, Any], split: str, index: int) -> Generate
     meta = {
         "context": band.kind if band else None,
         "distractors": len(distractors),
-        "objects": [
-            {"class": specs[o.cls].name, "pixels": int((mask == o.cls + 1).sum()),
-             "part_pixels": int((part & (mask == o.cls + 1)).sum()) if o.part is not None else None}
-            for o in objects
-        ],
+        "objects": [object_meta(layer, specs[layer.cls].name, mask, part) for layer in objects],
     }
     return GeneratedSample(image, mask, part, meta)
 
 
-def choose_classes(rng: np.random.Generator, index: int, num_classes: int, max_objects: int) -> list[int]:
+def object_meta(layer: Layer, name: str, mask: np.ndarray, part: np.ndarray) -> dict[str, Any]:
+    """Visible pixels of an object and of its part (None for classes without one)."""
+    visible = mask == layer.cls + 1
+    part_pixels = int((part & visible).sum()) if layer.part is not None else None
+    return {"class": name, "pixels": int(visible.sum()), "part_pixels": part_pixels}
+
+
+def choose_classes(rng: Rng, index: int, num_classes: int, max_objects: int) -> list[int]:
     """1..max_objects distinct classes; the first cycles through all classes so that every
     class occurs in every split of at least ``num_classes`` images. Returned in paint order."""
     most = min(max_objects, num_classes)
@@ -436,7 +445,9 @@ def choose_classes(rng: np.random.Generator, index: int, num_classes: int, max_o
     return [chosen[i] for i in rng.permutation(len(chosen))]
 
 
-def choose_band(rng: np.random.Generator, canvas: Canvas, present: list[ClassSpec], specs: tuple[ClassSpec, ...], options: dict[str, Any]) -> Band | None:
+def choose_band(
+    rng: Rng, canvas: Canvas, present: list[ClassSpec], specs: tuple[ClassSpec, ...], options: dict[str, Any]
+) -> Band | None:
     """The context band of a present context class (with ``context_prob``), else, with
     ``context_alone_prob``, the band of any context class of the dataset (maybe absent)."""
     wanted = [spec.context for spec in present if spec.context]
@@ -448,7 +459,9 @@ def choose_band(rng: np.random.Generator, canvas: Canvas, present: list[ClassSpe
     return None
 
 
-def place_objects(rng: np.random.Generator, canvas: Canvas, chosen: list[int], specs: tuple[ClassSpec, ...], band: Band | None) -> list[Layer]:
+def place_objects(
+    rng: Rng, canvas: Canvas, chosen: list[int], specs: tuple[ClassSpec, ...], band: Band | None
+) -> list[Layer]:
     """Paint the chosen classes in order, retrying positions until no object (or part) is
     hidden too much by the ones after it; an object that never fits is dropped."""
     placed: list[Layer] = []
@@ -478,7 +491,7 @@ def keeps_visible(placed: list[Layer], new: Layer) -> bool:
     return True
 
 
-def place_distractors(rng: np.random.Generator, canvas: Canvas, objects: list[Layer], probability: float) -> list[Layer]:
+def place_distractors(rng: Rng, canvas: Canvas, objects: list[Layer], probability: float) -> list[Layer]:
     """At most one fur distractor, placed where it overlaps the objects little (it is painted
     under them; overlapping fur would make the object boundary invisible)."""
     if rng.random() >= probability:
@@ -493,7 +506,9 @@ def place_distractors(rng: np.random.Generator, canvas: Canvas, objects: list[La
     return []
 
 
-def composite(background: np.ndarray, layers: list[Layer], rng: np.random.Generator, noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def composite(
+    background: np.ndarray, layers: list[Layer], rng: Rng, noise: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Paint layers in order (later on top), add sensor noise, quantise; build GT and parts."""
     rgb = background.astype(np.float32)
     size = rgb.shape[0]
@@ -558,7 +573,8 @@ class SyntheticDataset(Dataset):
 
     def _make_split(self, name: str) -> Split:
         index = ensure_generated(self.directory, self.options)
-        return Split(self.name, name, list(index["splits"][name]), self._read, str(self.directory / "index.json"))
+        source = str(self.directory / "index.json")
+        return Split(self.name, name, list(index["splits"][name]), self._read, source)
 
     def _read(self, sample_id: str) -> Sample:
         image_path = self.directory / "images" / f"{sample_id}.png"
@@ -615,8 +631,9 @@ def _load_complete(directory: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     for sample_id in ids:
-        if not (directory / "images" / f"{sample_id}.png").is_file() or not (directory / "masks" / f"{sample_id}.png").is_file():
-            return None
+        for folder in ("images", "masks"):
+            if not (directory / folder / f"{sample_id}.png").is_file():
+                return None
     return index
 
 
@@ -636,5 +653,11 @@ def write_dataset(directory: Path, options: dict[str, Any]) -> None:
             splits[split].append(sample_id)
             samples[sample_id] = generated.meta
     names = [spec.name for spec in CLASSES[: options["num_classes"]]]
-    index = {"version": GENERATOR_VERSION, "options": options, "class_names": names, "splits": splits, "samples": samples}
+    index = {
+        "version": GENERATOR_VERSION,
+        "options": options,
+        "class_names": names,
+        "splits": splits,
+        "samples": samples,
+    }
     atomic_write_bytes(directory / "index.json", json.dumps(index, indent=1).encode())

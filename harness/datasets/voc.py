@@ -144,8 +144,8 @@ class VOCDataset(Dataset):
         mask, counts = self._read_mask(sample_id, image.shape)
         if mask is None and require_mask:
             raise DataError(
-                f"Mask not found for {sample_id}: expected {self.voc_root / 'SegmentationClass' / (sample_id + '.png')} "
-                "(or the same name in SegmentationClassAug/)."
+                f"Mask not found for {sample_id}: expected "
+                f"{self.voc_root / 'SegmentationClass' / (sample_id + '.png')} (or the same in SegmentationClassAug/)."
             )
         labels = self._labels(sample_id, counts)
         return Sample(sample_id, image, labels, mask)
