@@ -39,6 +39,9 @@ class EvalConfig:
     gallery_size: int = 4  # fixed images whose CAM / mask / prediction are saved
     max_cam_eval: int = 0  # 0 = every image of the cam-eval split
     max_val: int = 0  # 0 = every image of the val split
+    # Train the harness's shared segmentation recipe (harness/common_seg.py) on the pseudo
+    # masks instead of the method's own segmenter: true, or a table of its fields.
+    common_segmentation: bool | dict = False
 
 
 @dataclass

@@ -15,6 +15,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from harness.common_seg import CHECKPOINT as COMMON_SEG_CHECKPOINT
+from harness.common_seg import CommonSegConfig, CommonSegmenter, common_seg_config
 from harness.config import TrialSpec, build_method_config
 from harness.datasets import create_dataset
 from harness.datasets.base import Dataset, Split
@@ -319,6 +321,9 @@ class TrialRunner:
             raise RuntimeError(f"method {self.spec.method!r}: pseudo_masks() returned values {sorted(set(bad.tolist()))[:5]} outside {{0..{C}, 255}}")
 
     def _stage_train_seg(self):
+        common = common_seg_config(self.eval)
+        if common is not None:  # the harness's shared recipe instead of the method's own
+            return self._train_common_seg(common)
         method = self.method
         if method.fused_segmentation:
             return "fused", {}, {}
@@ -326,6 +331,27 @@ class TrialRunner:
         method.train_seg(source, self._context("train_seg"))
         self.dir.save_checkpoint("train_seg", method.state_dict())
         return "done", {}, {}
+
+    def _train_common_seg(self, config: CommonSegConfig):
+        """train_seg with harness/common_seg.py: the method's state is left as it is."""
+        segmenter = CommonSegmenter(config, self.dataset.info, self.device)
+        source = PseudoMaskSource(self.split("train"), self.dir.root / "pseudo")
+        segmenter.train(source, self._context("train_seg"))
+        self.dir.save_checkpoint(COMMON_SEG_CHECKPOINT, segmenter.state_dict())
+        self._common_segmenter = segmenter
+        return "common", segmenter.cost_metrics(), {}
+
+    def _segmenter(self):
+        """What the segment stage evaluates: the method, or the common segmenter."""
+        config = common_seg_config(self.eval)
+        if config is None:
+            return self.method
+        if getattr(self, "_common_segmenter", None) is None:
+            segmenter = CommonSegmenter(config, self.dataset.info, self.device)
+            path = self.dir.checkpoint_path(COMMON_SEG_CHECKPOINT)
+            segmenter.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+            self._common_segmenter = segmenter
+        return self._common_segmenter
 
     def _stage_segment(self):
         split = self.split("val")
@@ -343,9 +369,9 @@ class TrialRunner:
             images = images.to(self.device)
             targets = torch.from_numpy(np.stack([s.mask for s in batch]).astype(np.int64))
             with torch.no_grad():
-                logits = {"ss": self.method.segment(images, multiscale=False).float().cpu()}
+                logits = {"ss": self._segmenter().segment(images, multiscale=False).float().cpu()}
                 if "ms" in protocols or "ms_crf" in protocols:
-                    logits["ms"] = self.method.segment(images, multiscale=True).float().cpu()
+                    logits["ms"] = self._segmenter().segment(images, multiscale=True).float().cpu()
             for name in ("ss", "ms"):
                 if name in metrics_by:
                     metrics_by[name].update(logits[name].argmax(1), targets)
@@ -372,7 +398,7 @@ class TrialRunner:
         return "done", metrics, {}
 
     def _crf_flush(self, metric, images, probs, targets) -> None:
-        refined_probs = dense_crf_many(images, probs, self.method.crf_params(), self.eval["crf_workers"])
+        refined_probs = dense_crf_many(images, probs, self._segmenter().crf_params(), self.eval["crf_workers"])
         for refined, target in zip(refined_probs, targets):
             metric.update(torch.from_numpy(refined.argmax(0))[None], torch.from_numpy(target.astype(np.int64))[None])
         images.clear()
@@ -388,5 +414,5 @@ class TrialRunner:
             sample = split[index]
             images, _ = stack_samples([sample])
             with torch.no_grad():
-                pred = self.method.segment(images.to(self.device), multiscale=False).argmax(1)[0].cpu().numpy()
+                pred = self._segmenter().segment(images.to(self.device), multiscale=False).argmax(1)[0].cpu().numpy()
             save_label_png(pred.astype(np.uint8), self.dir.root / "gallery" / f"{sample.id}_pred.png")

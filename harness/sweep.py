@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from harness.common_seg import common_seg_config
 from harness.config import EvalConfig, Overrides, Suite, TrialSpec, build_method_config, coerce
 from harness.datasets import create_dataset, dataset_options
 from harness.errors import ConfigError, WsssError, suggest, unknown
@@ -42,6 +43,7 @@ def plan_trials(
     options = _dataset_options(suite, overrides)
     create_dataset(suite.dataset, Path(root) if root else None, cache_dir, dict(options))  # fail fast on bad data
     eval_values = {**dataclasses.asdict(_eval_config(suite, overrides))}
+    common_seg_config(eval_values)  # a typo in the shared segmentation recipe fails here
     configs = {name: _method_config(name, registry[name], suite, overrides) for name in methods}
     _check_shared_overrides(overrides, registry, methods)
     specs = []
