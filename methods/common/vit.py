@@ -99,41 +99,52 @@ def load_pretrained(model: VisionTransformer, path: Path) -> None:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def attention_weights(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_weights(attn: Attention, x: torch.Tensor, return_scores: bool = False):
     """timm ``Attention`` forward with explicit weights.
 
-    Returns (output after the output projection (B, T, D), post-softmax weights (B, H, T, T)).
-    Numerically the same computation as the fused path.
+    Returns (output after the output projection (B, T, D), post-softmax weights (B, H, T, T)),
+    plus the raw scores ``q k^T`` (B, H, T, T, before the scaling and the softmax) as a third
+    element when ``return_scores`` (AFA's affinity). Numerically the same computation as the
+    fused path.
     """
     B, T, D = x.shape
     qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    weights = (q * attn.scale) @ k.transpose(-2, -1)
+    if return_scores:
+        scores = q @ k.transpose(-2, -1)
+        weights = scores * attn.scale
+    else:
+        weights = (q * attn.scale) @ k.transpose(-2, -1)
     weights = weights.softmax(dim=-1)
     out = attn.attn_drop(weights) @ v
     out = out.transpose(1, 2).reshape(B, T, D)
     out = getattr(attn, "norm", nn.Identity())(out)
     out = attn.proj_drop(attn.proj(out))
-    return out, weights
+    return (out, weights, scores) if return_scores else (out, weights)
 
 
 @dataclass
 class BlockOutputs:
     """What :func:`run_blocks` returns: final tokens (after the last norm) and, per captured
     block index, the attention weights and the attention-branch output (after projection,
-    before the residual, and before layer-scale / drop-path)."""
+    before the residual, and before layer-scale / drop-path); with ``capture_scores`` also
+    the raw ``q k^T`` scores (before scaling and softmax)."""
 
     tokens: torch.Tensor
     attentions: dict[int, torch.Tensor] = field(default_factory=dict)
     branch_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _block_with_attention(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    branch, weights = attention_weights(block.attn, block.norm1(x))
+def _block_with_attention(
+    block: Block, x: torch.Tensor, return_scores: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    result = attention_weights(block.attn, block.norm1(x), return_scores=return_scores)
+    branch, weights = result[:2]
     x = x + block.drop_path1(block.ls1(branch))
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, weights, branch
+    return x, weights, branch, (result[2] if return_scores else None)
 
 
 def embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
@@ -145,20 +156,27 @@ def embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
 
 
 def run_blocks(
-    model: VisionTransformer, images: torch.Tensor, capture: Iterable[int] = (), final_norm: bool = True
+    model: VisionTransformer,
+    images: torch.Tensor,
+    capture: Iterable[int] = (),
+    final_norm: bool = True,
+    capture_scores: bool = False,
 ) -> BlockOutputs:
     """Forward through every block, capturing attention for the block indices in ``capture``
     (negative indices count from the end). ``final_norm=False`` returns the last block's
-    tokens without the model's final LayerNorm (WeakTr's heads read them un-normalised)."""
+    tokens without the model's final LayerNorm (WeakTr's heads read them un-normalised).
+    ``capture_scores=True`` also keeps the captured blocks' raw q k^T scores (AFA)."""
     depth = len(model.blocks)
     wanted = {i % depth for i in capture}
     x = embed(model, images)
     out = BlockOutputs(tokens=x)
     for index, block in enumerate(model.blocks):
         if index in wanted:
-            x, weights, branch = _block_with_attention(block, x)
+            x, weights, branch, scores = _block_with_attention(block, x, capture_scores)
             out.attentions[index] = weights
             out.branch_outputs[index] = branch
+            if scores is not None:
+                out.scores[index] = scores
         else:
             x = block(x)
     out.tokens = model.norm(x) if final_norm else x
