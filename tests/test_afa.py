@@ -377,16 +377,13 @@ def test_mit_archs_known():
         AFA(AFAConfig(backbone="resnet"), DatasetInfo("x", ("a",)), torch.device("cpu"))
 
 
-def test_recipes_use_config_fields_and_synthetic_is_the_default():
-    import tomllib
+def test_suite_recipes_use_config_fields_and_synthetic_is_the_default():
+    from harness.config import load_suite
 
-    import methods.afa
-
-    recipes = tomllib.loads((Path(methods.afa.__file__).parent / "recipes.toml").read_text())
     fields = set(AFAConfig.__dataclass_fields__)
     for suite in ("synthetic", "voc-mini", "voc", "coco"):
-        assert set(recipes[suite]) <= fields, suite
+        assert set(load_suite(suite).method_params["afa"]) <= fields, suite
     defaults = AFAConfig()
-    for key, value in recipes["synthetic"].items():
+    for key, value in load_suite("synthetic").method_params["afa"].items():
         assert getattr(defaults, key) == (tuple(value) if isinstance(value, list) else value), key
-    assert set(recipes["reference"]["voc"]) <= {"cam_miou", "mask_miou", "val_miou"}
+    assert set(load_suite("voc").reference["afa"]) <= {"cam_miou", "mask_miou", "val_miou"}

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import Overrides, TrialSpec, load_suite, parse_overrides
+from harness.config import Overrides, TrialSpec, build_method_config, load_suite, parse_overrides
+from methods import load_all
 from harness.errors import ConfigError
 from harness.sweep import plan_trials
 
@@ -85,3 +86,6 @@ def test_every_shipped_suite_loads_and_plans(tmp_path):
         suite = load_suite(str(path))
         assert suite.dataset in ("synthetic", "voc", "coco"), name
         assert suite.methods, f"suite {name} lists no methods"
+        registry = load_all()
+        for method, values in suite.method_params.items():
+            build_method_config(registry[method].Config, values, f"{name} [methods.{method}]")

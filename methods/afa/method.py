@@ -36,7 +36,7 @@ from methods.common.training import CropAugment, iterate_batches, mask_absent, n
 
 @dataclass
 class AFAConfig(MethodConfig):
-    """Hyper-parameters; defaults are the fast synthetic recipe (``recipes.toml`` has the
+    """Hyper-parameters; defaults are the fast synthetic recipe (``benchmarks/*.toml`` have the
     paper's). Iteration counts are optimiser steps."""
 
     # network

@@ -6,7 +6,7 @@ present class. ``pseudo_masks``: background threshold + dense CRF with the label
 Stage 2 ``train_seg``: online retraining of a Segmenter with the gradient-clipping loss.
 ``segment``: sliding-window (multi-scale + flip) inference, optional two-block combination.
 
-Defaults are the fast synthetic recipe; the paper's values are in ``recipes.toml``.
+Defaults are the fast synthetic recipe; the paper's values are in the ``[methods.weaktr]`` table of ``benchmarks/voc.toml``.
 """
 
 from __future__ import annotations
