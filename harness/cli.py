@@ -37,14 +37,55 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="re-run finished trials (old runs are kept, marked superseded)")
     run.add_argument("--dry-run", action="store_true", help="print the trial matrix with each trial's state; run nothing")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="hyper-parameter overrides: key=, method.key=, dataset.key=, eval.key=")
+    _backend_options(run)
 
-    report = sub.add_parser("report", help="write leaderboard.md / .csv from MLflow")
+    report = sub.add_parser("report", help="write leaderboard.md / .csv / .html (+ plots, gallery) from MLflow")
     _common(report)
-    report.add_argument("--suite", action="append", help="only these suites (repeatable); default all")
+    report.add_argument("--suite", action="append", help="only these suites (repeatable); default every wsss-bench suite in the store")
+    report.add_argument("--experiment", action="append", help="only these MLflow experiments, by full name (repeatable)")
+    report.add_argument("--filter", help="MLflow search filter ANDed with 'is a trial run', e.g. \"tags.`wsss.method` = 'afa'\"")
     report.add_argument("--out", help="output directory (default <results>/report)")
+    report.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
+    report.add_argument("--no-gallery", action="store_true", help="skip the image gallery (no artifact downloads)")
 
     sub.add_parser("list", help="list methods, datasets and suites")
+
+    status = sub.add_parser("status", help="each trial's state from SLURM, worker heartbeats and MLflow")
+    _common(status)
+    status.add_argument("--suite", action="append", help="only trials of these suites (repeatable)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--stop-server", action="store_true", help="stop the results directory's detached MLflow tracking server")
     return parser
+
+
+def _backend_options(run: argparse.ArgumentParser) -> None:
+    """Where trials run: --backend local|ray|slurm and each backend's options."""
+    run.add_argument("--backend", choices=["local", "ray", "slurm"], default=os.environ.get("WSSS_BACKEND", "local"),
+                     help="where trials run (default local; env WSSS_BACKEND)")
+    run.add_argument("--cpus-per-trial", type=int, help="CPU cores per trial (ray num_cpus, slurm --cpus-per-task, local threads)")
+    run.add_argument("--gpus-per-trial", type=int, help="GPUs per trial (ray num_gpus, slurm --gpus-per-node, local GPUs per slot); "
+                     "default 1 with --device cuda, else 0")
+    local = run.add_argument_group("local backend")
+    local.add_argument("--max-parallel", type=int, help="trials at once, each in its own worker process with its own device slot (default 1: in this process)")
+    local.add_argument("--devices", help="GPU ids for the local pool, e.g. 0,1,3 (default: every visible GPU)")
+    ray = run.add_argument_group("ray backend")
+    ray.add_argument("--ray-address", help="join this Ray cluster (host:port from `ray start --head`); default: start a local one on 127.0.0.1")
+    ray.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray cluster wsss-bench starts (default: all)")
+    ray.add_argument("--ray-max-retries", type=int, help="retries when a Ray worker dies (system failures only; default 2)")
+    slurm = run.add_argument_group("slurm backend (submitit job arrays)")
+    slurm.add_argument("--partition", help="SLURM partition")
+    slurm.add_argument("--account", help="SLURM account")
+    slurm.add_argument("--qos", help="SLURM quality of service")
+    slurm.add_argument("--mem", help="memory per trial, e.g. 16G")
+    slurm.add_argument("--time", help="time limit per job: minutes, H:MM:SS or D-HH:MM:SS (default 1 day)")
+    slurm.add_argument("--constraint", help="node features, e.g. a100|h100")
+    slurm.add_argument("--array-parallelism", type=int, help="at most this many array tasks run at once")
+    slurm.add_argument("--sbatch", action="append", metavar="KEY=VALUE", help="extra #SBATCH option (repeatable), e.g. --sbatch mail-type=END")
+    slurm.add_argument("--slurm-setup", action="append", metavar="LINE", help="shell line run in the job before the trial (repeatable), e.g. 'module load cuda'")
+    slurm.add_argument("--max-timeouts", type=int, help="requeues after hitting the time limit (default 3; preemptions always requeue)")
+    slurm.add_argument("--signal-delay", type=int, help="seconds before the time limit when the job checkpoints and requeues (default 120)")
+    slurm.add_argument("--trials-per-job", type=int, help="pack this many trials into one job, run one after another (default 1)")
+    slurm.add_argument("--wait", action="store_true", help="wait for the jobs and print the summary (default: return after submission)")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +95,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    import logging
+
+    for name in ("mlflow", "alembic"):  # schema-migration chatter on a new store
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        return {"run": cmd_run, "report": cmd_report, "list": cmd_list}[args.command](args)
+        return {"run": cmd_run, "report": cmd_report, "list": cmd_list, "status": cmd_status}[args.command](args)
     except WsssError as exc:
         console.print(f"[bold red]{type(exc).__name__}:[/] {escape(str(exc))}", soft_wrap=True)
         return 2
@@ -92,7 +137,7 @@ def _split_list(text: str | None, what: str) -> list[str]:
 def cmd_run(args) -> int:
     from harness.config import default_suite, load_suite, parse_overrides
     from harness.report import suite_references, write_report
-    from harness.sweep import plan_trials, run_local, sweep_key, trial_state
+    from harness.sweep import plan_trials, sweep_key
     from harness.tracking import Tracker
 
     if not args.suite and not args.dataset:
@@ -106,22 +151,26 @@ def cmd_run(args) -> int:
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}.") from None
     results = _results_dir(args.results)
+    from harness.backends import BackendOptions, dry_run_states, run_sweep
+
+    options = BackendOptions.from_args(args)  # bad backend options fail before anything runs
     overrides = parse_overrides(args.overrides)
     specs = plan_trials(suite, methods, seeds, overrides, args.data_root, results / "cache")
     uri = _tracking_uri(args, results)
     tracker = Tracker(uri, suite.name)
 
     if args.dry_run:
+        states = dry_run_states(specs, results, tracker)
         table = Table(title=f"Trials of suite {suite.name} ({len(specs)})")
         for column in ("trial", "method", "dataset", "seed", "state"):
             table.add_column(column)
         for spec in specs:
-            table.add_row(spec.trial_id, spec.method, spec.dataset, str(spec.seed), trial_state(spec, results, tracker))
+            table.add_row(spec.trial_id, spec.method, spec.dataset, str(spec.seed), states[spec.trial_id])
         console.print(table)
         return 0
 
     parent = tracker.sweep_run(sweep_key(specs), f"wsss-bench run --methods {args.methods} ({suite.name})")
-    console.print(f"[bold]Suite[/] {suite.name}: {len(specs)} trial(s) -> {results}  (MLflow: {uri})")
+    console.print(f"[bold]Suite[/] {suite.name}: {len(specs)} trial(s) -> {results}  (MLflow: {uri}; backend: {options.backend})")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False) as progress:
         sweep_task = progress.add_task("[bold]trials", total=len(specs))
 
@@ -133,8 +182,26 @@ def cmd_run(args) -> int:
 
             return report
 
-        outcomes = run_local(specs, results, uri, args.device, args.force, parent, factory,
-                             on_outcome=lambda outcome: progress.advance(sweep_task))
+        swept = run_sweep(specs, results, uri, options, args.device, args.force, parent, factory,
+                          on_outcome=lambda outcome: progress.advance(sweep_task), log=lambda text: progress.console.print(escape(text), soft_wrap=True))
+    outcomes = swept.outcomes
+    for spec, where in swept.already_queued:
+        console.print(f"[yellow]{spec.label} ({spec.trial_id}) is already queued or running ({where}); not submitted again.")
+    if swept.submitted:
+        table = Table(title=f"Submitted to SLURM ({len(swept.submitted)} trial(s))")
+        for column in ("trial", "method", "seed", "job"):
+            table.add_column(column)
+        for spec, job_id in swept.submitted:
+            table.add_row(spec.trial_id, spec.method, str(spec.seed), job_id)
+        console.print(table)
+        if swept.server is not None:
+            console.print(f"Workers log to the MLflow server {swept.server.uri} (pid {swept.server.pid}), left running for the queued jobs; "
+                          f"`wsss-bench status --results {results} --stop-server` stops it.", soft_wrap=True)
+        console.print(f"Follow them with `wsss-bench status --results {results}`; run the same command again (or `wsss-bench report`) "
+                      "once they are done.", soft_wrap=True)
+        if outcomes:
+            _print_summary(outcomes)
+        return 1 if any(o.state == "failed" for o in outcomes) else 0
     _print_summary(outcomes)
     board = write_report(uri, results / "report" / suite.name, [suite.name], suite_references([suite]))
     _print_leaderboard(board, results / "report" / suite.name)
@@ -168,17 +235,27 @@ def _print_leaderboard(board, out_dir: Path) -> None:
 
 def cmd_report(args) -> int:
     from harness.config import list_suites, load_suite
-    from harness.report import suite_references, write_report
+    from harness.report import suite_references, suite_seeds, write_report
+    from harness.tracking import check_tracking_uri
 
     results = _results_dir(args.results)
     uri = _tracking_uri(args, results)
-    from harness.tracking import check_tracking_uri
-
     check_tracking_uri(uri)
-    suites = [load_suite(str(p)) for p in list_suites().values()]
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        raise ResultsError(f"No MLflow store at {uri[len('sqlite:///'):]}: nothing has been run with --results {results}. "
+                           "Run `wsss-bench run ...` first, or pass the --results / --tracking-uri of the store that has the runs.")
+    suites = []
+    for name, path in list_suites().items():
+        try:
+            suites.append(load_suite(str(path)))
+        except ConfigError as exc:  # one broken suite file must not block reports of the others
+            console.print(f"[yellow]Suite {name}: no published numbers or expected seeds ({escape(str(exc))})", soft_wrap=True)
     out = Path(args.out) if args.out else results / "report"
-    board = write_report(uri, out, args.suite, suite_references(suites))
+    board = write_report(uri, out, args.suite, suite_references(suites), experiments=args.experiment, filter_string=args.filter,
+                         expected_seeds=suite_seeds(suites), plots=not args.no_plots, gallery=not args.no_gallery, require_runs=True)
     _print_leaderboard(board, out)
+    console.print(f"Also written: {out}/leaderboard.html, pairwise.csv, per_class.csv, runs.csv" + ("" if args.no_plots else ", plots/")
+                  + ("" if args.no_gallery else ", gallery/"))
     return 0
 
 
@@ -192,8 +269,9 @@ def cmd_list(args) -> int:
     table.add_column("fused seg")
     table.add_column("summary")
     for name, cls in sorted(load_all().items()):
-        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
-        table.add_row(name, "yes" if cls.fused_segmentation else "no", doc[0] if doc else "")
+        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
+        summary = " ".join(doc.split("\n\n")[0].split()).replace("``", "")
+        table.add_row(name, "yes" if cls.fused_segmentation else "no", summary)
     console.print(table)
     table = Table(title="Datasets")
     table.add_column("name")
@@ -208,6 +286,48 @@ def cmd_list(args) -> int:
         suite = load_suite(str(path))
         table.add_row(name, suite.dataset, ",".join(map(str, suite.seeds)), ",".join(suite.methods), suite.description)
     console.print(table)
+    return 0
+
+
+def cmd_status(args) -> int:
+    """Each trial of the results directory: stages done, scheduler state, heartbeat, MLflow."""
+    from harness.backends.status import collect, summary_json
+    from harness.mlflow_server import recorded_server
+
+    results = _results_dir(args.results)
+    server = recorded_server(results)
+    if args.stop_server:
+        if server is None:
+            console.print(f"No running MLflow tracking server is recorded for {results}.")
+        else:
+            server.stop()
+            console.print(f"Stopped the MLflow tracking server {server.uri} (pid {server.pid}).")
+        return 0
+    uri = args.tracking_uri or (server.uri if server else _tracking_uri(args, results))
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        uri = None  # nothing tracked yet: show the trial directories alone
+    statuses = collect(results, uri, suites=args.suite)
+    if args.json:
+        print(summary_json(statuses))
+        return 0
+    if not statuses:
+        console.print(f"No trials under {results / 'trials'}.")
+        return 0
+    table = Table(title=f"Trials in {results} ({len(statuses)})")
+    for column in ("trial", "suite", "method", "seed", "stages", "state", "job", "MLflow"):
+        table.add_column(column, overflow="fold")
+    for s in statuses:
+        colour = "green" if s.state == "finished" else "red" if s.state.startswith(("failed", "dead")) else "yellow"
+        job = f"{s.backend}:{s.job_id}" if s.job_id else "-"
+        if s.scheduler:
+            job += f" ({s.scheduler})"
+        table.add_row(s.trial_id, s.suite, s.method, s.seed, f"{len(s.stages_done)}/5", f"[{colour}]{escape(s.state)}", job, s.mlflow or "-")
+    console.print(table)
+    for s in statuses:
+        if s.error and s.state.startswith(("failed", "dead")):
+            console.print(f"[red]{s.method} seed {s.seed} ({s.trial_id}):[/] {escape(s.error.splitlines()[0][:300])}", soft_wrap=True)
+    if server is not None:
+        console.print(f"MLflow tracking server: {server.uri} (pid {server.pid}); `wsss-bench status --stop-server` stops it.")
     return 0
 
 

@@ -143,8 +143,14 @@ class Tracker:
     def _create_experiment(self) -> str:
         from mlflow.exceptions import MlflowException
 
+        location = None
+        if self.uri.startswith("sqlite:///"):
+            # Artifacts next to the database (not in ./mlruns of whatever the working directory
+            # is), the same place a tracking server over this database serves them from.
+            slug = self.experiment_name.replace("/", "_")
+            location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts" / slug).resolve().as_uri()
         try:
-            return self.client.create_experiment(self.experiment_name)
+            return self.client.create_experiment(self.experiment_name, artifact_location=location)
         except MlflowException:  # created concurrently by another process
             return self.client.get_experiment_by_name(self.experiment_name).experiment_id
 

@@ -1,0 +1,408 @@
+"""Execution backends: where a sweep's trials run. ``local`` (this process, or a pool of N
+device-pinned worker processes), ``ray`` (one Ray task per trial) and ``slurm`` (submitit job
+arrays). Every backend ends in the same worker function (:func:`worker.run_trial`, which calls
+:func:`harness.sweep.execute_trial`) writing to the same MLflow experiment, so results do not
+depend on the backend.
+
+:func:`run_sweep` is what ``wsss-bench run`` calls. Before anything runs it
+
+* skips trials MLflow already holds as finished (``--force`` supersedes them instead),
+* never resubmits a trial whose job is still queued or running (SLURM) or whose worker is
+  alive on this machine,
+* creates the experiment in this process and, when several processes will write at once,
+  starts one MLflow tracking server on 127.0.0.1 that every worker logs through.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.errors import ConfigError
+
+BACKENDS: dict[str, str] = {
+    "local": "in this process, or a pool of --max-parallel worker processes with one device slot each",
+    "ray": "one Ray task per trial on a local (127.0.0.1) or existing (--ray-address) Ray cluster",
+    "slurm": "submitit job arrays on a SLURM cluster; requeue on preemption / timeout resumes trials",
+}
+
+_ONLY = {
+    "local": ("max_parallel", "devices"),
+    "ray": ("ray_address", "ray_max_retries", "ray_num_cpus"),
+    "slurm": ("partition", "account", "qos", "mem", "time", "constraint", "array_parallelism", "sbatch", "slurm_setup",
+              "max_timeouts", "signal_delay", "trials_per_job", "wait"),
+}
+
+
+def plugin_list() -> tuple[str, ...]:
+    """``WSSS_PLUGINS``: extra modules (names or .py paths, separated by ``os.pathsep``) that
+    register methods outside methods/ - private methods, test and benchmark doubles. The
+    driver and every worker import them."""
+    items = [p.strip() for p in os.environ.get("WSSS_PLUGINS", "").split(os.pathsep) if p.strip()]
+    return tuple(str(Path(p).resolve()) if p.endswith(".py") else p for p in items)
+
+
+@dataclass
+class BackendOptions:
+    backend: str = "local"
+    max_parallel: int = 1
+    devices: list[str] | None = None
+    cpus_per_trial: int | None = None
+    gpus_per_trial: int | None = None
+    ray_address: str | None = None
+    ray_max_retries: int = 2
+    ray_num_cpus: int | None = None
+    slurm: Any = None  # slurm.SlurmOptions
+    wait: bool = False
+    plugins: tuple[str, ...] = ()  # extra method modules workers import (tests, benchmarks)
+
+    @classmethod
+    def from_args(cls, args) -> "BackendOptions":
+        """From the CLI namespace; options of another backend are an error, not ignored."""
+        backend = getattr(args, "backend", None) or "local"
+        if backend not in BACKENDS:
+            from harness.errors import unknown
+
+            raise unknown("backend", backend, BACKENDS)
+        for other, names in _ONLY.items():
+            if other == backend:
+                continue
+            for name in names:
+                value = getattr(args, name, None)
+                if value not in (None, False, []):
+                    flag = "--" + name.replace("_", "-")
+                    raise ConfigError(f"{flag} applies to --backend {other} only; this sweep runs on --backend {backend}. "
+                                      f"Drop {flag} or pass --backend {other}.")
+        for name in ("cpus_per_trial", "gpus_per_trial", "max_parallel", "ray_num_cpus"):
+            value = getattr(args, name, None)
+            if value is not None and value < (1 if name != "gpus_per_trial" else 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'gpus_per_trial' else 'a positive integer'}, got {value}.")
+        plugins = plugin_list()
+        if plugins:
+            from harness.backends.worker import load_plugins
+
+            try:
+                load_plugins(plugins)  # registers their methods here, before the sweep is planned
+            except Exception as exc:  # noqa: BLE001
+                raise ConfigError(f"WSSS_PLUGINS: cannot import {', '.join(plugins)}: {type(exc).__name__}: {exc}") from None
+        options = cls(backend=backend, max_parallel=getattr(args, "max_parallel", None) or 1, plugins=plugins,
+                      devices=[d.strip() for d in args.devices.split(",") if d.strip()] if getattr(args, "devices", None) else None,
+                      cpus_per_trial=getattr(args, "cpus_per_trial", None), gpus_per_trial=getattr(args, "gpus_per_trial", None),
+                      ray_address=getattr(args, "ray_address", None), ray_num_cpus=getattr(args, "ray_num_cpus", None),
+                      wait=bool(getattr(args, "wait", False)))
+        if getattr(args, "ray_max_retries", None) is not None:
+            if args.ray_max_retries < 0:
+                raise ConfigError(f"--ray-max-retries must be >= 0, got {args.ray_max_retries}.")
+            options.ray_max_retries = args.ray_max_retries
+        if backend == "local" and options.max_parallel > 1:
+            from harness.backends.local import plan_slots
+
+            plan_slots(options.max_parallel, getattr(args, "device", None) or "cpu", options.devices, options.gpus_per_trial,
+                       options.cpus_per_trial)
+        if backend == "ray" and options.ray_address and not getattr(args, "dry_run", False):
+            from harness.backends.ray_backend import check_address
+
+            check_address(options.ray_address)  # seconds, not after planning and a server start
+        if backend == "slurm":
+            from harness.backends.slurm import SlurmOptions
+
+            slurm = SlurmOptions(partition=args.partition, account=args.account, qos=args.qos, mem=args.mem, time=args.time,
+                                 constraint=args.constraint, array_parallelism=args.array_parallelism,
+                                 sbatch=list(args.sbatch or []), setup=list(args.slurm_setup or []),
+                                 cpus_per_trial=options.cpus_per_trial or 1, gpus_per_trial=options.gpus_per_trial or 0)
+            for name, attr in (("max_timeouts", "max_timeouts"), ("signal_delay", "signal_delay_s"), ("trials_per_job", "trials_per_job")):
+                if getattr(args, name, None) is not None:
+                    setattr(slurm, attr, getattr(args, name))
+            slurm.validate()
+            options.slurm = slurm
+        return options
+
+    def preflight(self, device: str = "cpu") -> None:
+        """Cheap checks before anything is started or submitted: a device pool that would
+        share a GPU, a Ray address that does not answer, a SLURM controller or partition
+        that does not exist."""
+        if self.backend == "local" and self.max_parallel > 1:
+            from harness.backends.local import plan_slots
+
+            plan_slots(self.max_parallel, device, self.devices, self.gpus_per_trial, self.cpus_per_trial)
+        elif self.backend == "ray" and self.ray_address:
+            from harness.backends.ray_backend import check_address
+
+            check_address(self.ray_address)
+        elif self.backend == "slurm":
+            from harness.backends.slurm import check_cluster
+
+            check_cluster(self.slurm)
+
+    @property
+    def parallel_writers(self) -> bool:
+        return self.backend in ("ray", "slurm") or self.max_parallel > 1
+
+
+@dataclass
+class SweepResult:
+    outcomes: list[Any] = field(default_factory=list)  # TrialOutcome, in the order of the specs
+    submitted: list[tuple[Any, str]] = field(default_factory=list)  # (spec, job id): queued, not waited for
+    already_queued: list[tuple[Any, str]] = field(default_factory=list)  # (spec, where) left alone
+    server: Any = None  # a detached tracking server left running for queued jobs
+    worker_uri: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return any(o.state == "failed" for o in self.outcomes)
+
+
+def _finished_in_mlflow(tracker, specs) -> set[str]:
+    """Trial ids with a finished, live run: one paged query for the experiment's finished
+    runs rather than one query per trial."""
+    from harness.tracking import STATUS_TAG, TRIAL_TAG
+
+    ids = {s.trial_id for s in specs}
+    out: set[str] = set()
+    token = None
+    while True:
+        page = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{STATUS_TAG}` = 'finished'",
+                                          max_results=5000, page_token=token)
+        for run in page:
+            tags = run.data.tags
+            if tags.get(TRIAL_TAG) in ids and run.info.status == "FINISHED" and tags.get("wsss.superseded") != "true":
+                out.add(tags[TRIAL_TAG])
+        token = page.token
+        if not token:
+            break
+    return out
+
+
+def record_system_failure(spec, results_dir: Path, tracker, message: str, parent_run_id: str | None, device: str) -> None:
+    """A trial whose worker died records its error like any other failure (error.txt as an
+    artifact, status failed) on its one MLflow run (the unfinished run is reused)."""
+    from harness.trial import TrialDir
+
+    tdir = TrialDir(results_dir, spec)
+    path = tdir.write_error(message + "\n")
+    try:
+        run_id = tracker.open_trial_run(spec, parent_run_id, device)
+        tracker.fail_trial(run_id, path, message)
+    except Exception:  # noqa: BLE001 - the tracking store itself may be what failed
+        pass
+
+
+def _anything_queued(results_dir: Path) -> bool:
+    from harness.backends.status import collect
+
+    try:
+        return any(s.queued for s in collect(results_dir, None))
+    except Exception:  # noqa: BLE001 - when unsure, keep the server
+        return True
+
+
+def read_submission(results_dir: Path, trial_id: str) -> dict[str, Any]:
+    from harness.backends.worker import SUBMISSION, read_json, trial_root
+
+    return read_json(trial_root(results_dir, trial_id) / SUBMISSION) or {}
+
+
+def dry_run_states(specs, results_dir: Path, tracker) -> dict[str, str]:
+    """trial_id -> state for ``--dry-run``: the trial dir + MLflow, and the scheduler for
+    trials that were submitted to one."""
+    from harness.backends.status import collect
+    from harness.sweep import trial_state
+
+    statuses = {s.trial_id: s for s in collect(results_dir, None, [sp.trial_id for sp in specs])}
+    out = {}
+    for spec in specs:
+        status = statuses.get(spec.trial_id)
+        base = trial_state(spec, results_dir, tracker)
+        if status is not None and status.queued:
+            out[spec.trial_id] = f"{status.state} [{status.backend} job {status.job_id}]" if status.job_id else status.state
+        else:
+            out[spec.trial_id] = base
+    return out
+
+
+class _Progress:
+    """Feeds per-trial progress callbacks from worker messages or heartbeat files."""
+
+    def __init__(self, results_dir: Path, specs_by_id: dict[str, Any], factory) -> None:
+        self.results_dir, self.specs, self.factory = results_dir, specs_by_id, factory
+        self.fns: dict[str, Callable] = {}
+        self.running: set[str] = set()
+        self._last_poll = 0.0
+
+    def start(self, trial_id: str) -> None:
+        self.running.add(trial_id)
+        if self.factory and trial_id not in self.fns:
+            self.fns[trial_id] = self.factory(self.specs[trial_id])
+
+    def update(self, trial_id: str, stage: str, done: int, total: int) -> None:
+        fn = self.fns.get(trial_id)
+        if fn:
+            fn(stage, done, total)
+
+    def done(self, trial_id: str) -> None:
+        self.running.discard(trial_id)
+
+    def poll_heartbeats(self) -> None:
+        if not self.factory or time.monotonic() - self._last_poll < 1.0:
+            return
+        self._last_poll = time.monotonic()
+        from harness.backends.worker import HEARTBEAT, read_json, trial_root
+
+        for trial_id in list(self.running):
+            beat = read_json(trial_root(self.results_dir, trial_id) / HEARTBEAT)
+            if beat and beat.get("state") == "running" and beat.get("stage"):
+                self.update(trial_id, beat["stage"], int(beat.get("done") or 0), int(beat.get("total") or 0))
+
+
+def run_sweep(specs, results_dir: Path, tracking_uri: str, options: BackendOptions, device: str = "cpu", force: bool = False,
+              parent_run_id: str | None = None, progress_factory=None, on_outcome=None, log: Callable[[str], None] = print) -> SweepResult:
+    """Run (or submit) every trial of a sweep on the chosen backend; see the module doc."""
+    from harness.backends import worker as W
+    from harness.backends.status import collect, write_submission
+    from harness.sweep import TrialOutcome
+    from harness.tracking import Tracker
+    from harness.trial import TrialDir
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    results_dir = Path(results_dir).resolve()
+    result = SweepResult()
+    by_id = {s.trial_id: s for s in specs}
+    outcomes: dict[str, Any] = {}
+
+    def emit(outcome) -> None:
+        outcomes[outcome.spec.trial_id] = outcome
+        if on_outcome:
+            on_outcome(outcome)
+
+    # 1. leave alone what is queued or running right now (never two workers on one trial)
+    live = [s for s in collect(results_dir, None, list(by_id), query_scheduler=True) if s.queued]
+    if live and force:
+        where = ", ".join(f"{s.trial_id} ({s.backend or 'local'} job {s.job_id})" if s.job_id else s.trial_id for s in live)
+        raise ConfigError(f"--force would restart trials that are queued or running right now: {where}. Cancel them first "
+                          "(`scancel <job id>` for SLURM jobs), or wait for them to end.")
+    attach = []
+    if options.backend == "slurm" and options.wait:
+        from harness.backends.slurm import Submitted
+
+        for status in live:
+            if status.backend == "slurm" and status.job_id:
+                sub = read_submission(results_dir, status.trial_id)
+                attach.append(Submitted(status.job_id, [{"trial_id": status.trial_id, "submitted_at": sub.get("submitted_at")}],
+                                        Path(sub.get("folder") or results_dir)))
+    for status in live:
+        result.already_queued.append((by_id[status.trial_id], f"{status.backend} job {status.job_id}" if status.job_id else "a live local worker"))
+    todo = [s for s in specs if s.trial_id not in {st.trial_id for st in live}]
+
+    # 2. finished trials are skipped (or, with --force, superseded and cleared here, once)
+    tracker = Tracker(tracking_uri, specs[0].suite) if specs else None
+    if force:
+        for spec in todo:
+            tracker.supersede(spec.trial_id)
+            TrialDir(results_dir, spec).clear()
+            for name in (W.OUTCOME, W.HEARTBEAT, W.SUBMISSION):
+                (W.trial_root(results_dir, spec.trial_id) / name).unlink(missing_ok=True)
+    else:
+        finished = _finished_in_mlflow(tracker, todo) if todo else set()
+        for spec in todo:
+            if spec.trial_id in finished:
+                emit(TrialOutcome(spec, "skipped", run_id=None))
+        todo = [s for s in todo if s.trial_id not in finished]
+
+    if todo or attach:
+        options.preflight(device)
+    server = None
+    started_server = False
+    try:
+        worker_uri = tracking_uri
+        if (todo or attach) and options.parallel_writers and not tracking_uri.startswith(("http://", "https://")):
+            from harness.mlflow_server import ensure_server
+
+            detach = options.backend == "slurm" and not options.wait
+            server, started_server = ensure_server(results_dir, tracking_uri, detach=detach)
+            worker_uri = server.uri
+            log(f"MLflow tracking server {server.uri} ({'reused' if not started_server else 'started'}; store {tracking_uri})")
+        result.worker_uri = worker_uri
+        driver_tracker = Tracker(worker_uri, specs[0].suite) if (todo or attach) else None
+        progress = _Progress(results_dir, by_id, progress_factory)
+        for spec in todo:
+            TrialDir(results_dir, spec)  # spec.json now: `status` lists queued trials before any worker starts
+        tasks = [W.make_task(spec, results_dir, worker_uri, device, parent_run_id, options.backend, options.plugins) for spec in todo]
+
+        def finish(data: dict[str, Any]) -> None:
+            spec = by_id[data["trial_id"]]
+            progress.done(spec.trial_id)
+            outcome = W.outcome_from_dict(spec, data)
+            if data.get("system_failure"):
+                record_system_failure(spec, results_dir, driver_tracker, outcome.error, parent_run_id, device)
+            emit(outcome)
+
+        if not tasks and not attach:
+            pass
+        elif options.backend == "local" and options.max_parallel == 1:
+            for task in tasks:
+                progress.start(task["trial_id"])
+                fn = progress.fns.get(task["trial_id"])
+                finish(W.run_trial(dict(task, device=device, backend="local", threads=options.cpus_per_trial),
+                                   job_id=f"local-{os.getpid()}", progress=fn))
+        elif options.backend == "local":
+            from harness.backends.local import plan_slots, run_pool
+
+            slots = plan_slots(options.max_parallel, device, options.devices, options.gpus_per_trial, options.cpus_per_trial)
+            log(f"Local pool: {len(slots)} worker(s): " + ", ".join(f"{s.label}, {s.threads} thread(s)" for s in slots))
+            run_pool(tasks, slots, on_start=lambda t: progress.start(t["trial_id"]),
+                     on_progress=lambda tid, stage, done, total: progress.update(tid, stage, done, total), on_done=finish)
+        elif options.backend == "ray":
+            from harness.backends.ray_backend import run_ray
+
+            gpus = options.gpus_per_trial if options.gpus_per_trial is not None else (1 if device.startswith("cuda") else 0)
+            run_ray(tasks, options.ray_address, float(options.cpus_per_trial or 1), float(gpus), options.ray_max_retries,
+                    num_cpus=options.ray_num_cpus, on_start=lambda t: progress.start(t["trial_id"]), on_done=finish,
+                    poll=progress.poll_heartbeats)
+        elif options.backend == "slurm":
+            from harness.backends import slurm
+
+            if device.startswith("cuda") and not options.slurm.gpus_per_trial:
+                options.slurm.gpus_per_trial = 1
+            submitted: list = []
+            if tasks:
+                folder = results_dir / "slurm" / time.strftime("%Y%m%d-%H%M%S")
+                submitted = slurm.submit(tasks, options.slurm, folder)
+                for sub in submitted:
+                    for task in sub.tasks:
+                        write_submission(results_dir, task["trial_id"], "slurm", sub.job_id, str(folder), task["submitted_at"])
+                        result.submitted.append((by_id[task["trial_id"]], sub.job_id))
+                log(f"Submitted {len(tasks)} trial(s) as {len(submitted)} SLURM job(s) "
+                    f"({submitted[0].job_id.split('_')[0] if submitted else '-'}); logs in {folder}")
+            if options.wait:
+                waiting = submitted + attach
+                if attach:
+                    log(f"Waiting also for {len(attach)} trial(s) queued earlier: " + ", ".join(f"job {a.job_id}" for a in attach))
+                for sub in waiting:
+                    for task in sub.tasks:
+                        progress.start(task["trial_id"])
+                try:
+                    slurm.wait_jobs(waiting, results_dir, on_done=finish, poll=progress.poll_heartbeats)
+                except KeyboardInterrupt:
+                    slurm.cancel(sub.job_id for sub in submitted)
+                    log("Cancelled the SLURM jobs this command submitted; finished trials and stages are kept.")
+                    raise
+                result.submitted = []
+        else:  # pragma: no cover - from_args validated the name
+            raise ConfigError(f"unknown backend {options.backend}")
+    finally:
+        if server is not None and started_server and not server.detached:
+            server.stop()
+        elif server is not None and server.detached:
+            if options.backend == "slurm" and not result.submitted and not _anything_queued(results_dir):
+                server.stop()  # kept only for queued jobs: none is left
+                log(f"Stopped the MLflow tracking server {server.uri}: no queued or running trial is left to log through it.")
+            else:
+                result.server = server
+    result.outcomes = [outcomes[s.trial_id] for s in specs if s.trial_id in outcomes]
+    return result
+
+
+__all__ = ["BACKENDS", "BackendOptions", "SweepResult", "run_sweep", "dry_run_states", "record_system_failure"]
