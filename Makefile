@@ -5,9 +5,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-DEMO_METHODS ?= cam
+DEMO_METHODS ?= weaktr,afa,adcam
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast clean reports
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,3 +28,10 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf results .pytest_cache
+
+# The committed reports: every method of the synthetic and voc-mini suites, 3 seeds each.
+reports: $(STAMP)
+	$(BIN)/wsss-bench run --suite synthetic --methods cam,weaktr,afa,adcam --seeds 0,1,2 || true
+	$(BIN)/wsss-bench report --suite synthetic --out reports/synthetic
+	$(BIN)/wsss-bench run --suite voc-mini --methods cam,weaktr,afa,adcam --seeds 0,1,2 || true
+	$(BIN)/wsss-bench report --suite voc-mini --out reports/voc-mini
