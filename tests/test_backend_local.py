@@ -40,6 +40,7 @@ def test_gpu_slots_are_disjoint():
     (dict(max_parallel=2, device="cuda:1"), "would share it"),
     (dict(max_parallel=0, device="cpu"), "at least 1"),
     (dict(max_parallel=2, device="cpu", gpus_per_trial=1), "needs --device cuda"),
+    (dict(max_parallel=2, device="cpu", devices=["0", "1"]), "pass --device cuda"),
 ])
 def test_pool_refuses_to_share_a_gpu(kwargs, message):
     with pytest.raises(ConfigError, match=message):

@@ -72,6 +72,8 @@ def plan_slots(max_parallel: int, device: str, devices: list[str] | None = None,
                           "Use --device cuda with --max-parallel (each worker gets its own GPU), and --devices to choose which GPUs.")
     threads = cpus_per_trial or max(1, cpu_count() // max_parallel)
     if not wants_gpu:
+        if devices:
+            raise ConfigError(f"--devices {','.join(devices)} lists GPUs for the local pool, but --device is {device}: pass --device cuda.")
         if gpus_per_trial:
             raise ConfigError(f"--gpus-per-trial {gpus_per_trial} needs --device cuda (or auto on a machine with GPUs).")
         return [Slot(i, "cpu", {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}, threads)
