@@ -19,7 +19,8 @@ Rules that make the numbers trustworthy (tested in tests/test_report.py):
 * Only runs with status ``finished`` (tag *and* MLflow run status) are averaged. Failed,
   interrupted, partial and still-running trials are listed separately; a method whose every
   trial failed still gets a row, with ``n_seeds = 0``.
-* Runs from different code versions (tag ``wsss.git_commit``) are never averaged together:
+* Runs from different code versions (tag ``wsss.code_tree``, the hash of ``harness/`` and
+  ``methods/``; ``wsss.git_commit`` for older runs) are never averaged together:
   each version is its own row, and ``code_flag`` says ``mixed`` for every row of such a group
   (``dirty`` for runs from a working tree with uncommitted changes, ``unknown`` when the
   commit was not recorded).
@@ -267,7 +268,8 @@ def _run_row(run, experiment_name: str) -> dict[str, Any] | None:
         "seed": seed,
         "trial_id": tags.get(TRIAL_TAG),
         "status": status,
-        "code_version": tags.get("wsss.git_commit") or "unknown",
+        # the hash of the result-deciding code; older runs only have the commit
+        "code_version": _known(tags.get("wsss.code_tree")) or tags.get("wsss.git_commit") or "unknown",
         "package_version": tags.get("wsss.code_version", ""),
         "hardware": tags.get("wsss.hardware", ""),
         "error": tags.get("wsss.error", ""),
@@ -280,6 +282,10 @@ def _run_row(run, experiment_name: str) -> dict[str, Any] | None:
     }
     row.update(run.data.metrics)
     return row
+
+
+def _known(value: str | None) -> str | None:
+    return None if value in (None, "", "unknown") else value
 
 
 def _truthy(value: str | None) -> bool:

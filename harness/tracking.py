@@ -25,7 +25,7 @@ convention, the unsuffixed name uses the suite's default, "present"):
 =========================  ===================================================================
 
 Tags: ``wsss.trial_id``, ``wsss.method``, ``wsss.dataset``, ``wsss.suite``, ``wsss.seed``,
-``wsss.status`` (running / finished / failed), ``wsss.code_version``, ``wsss.git_commit``,
+``wsss.status`` (running / finished / failed), ``wsss.code_version``, ``wsss.git_commit``, ``wsss.code_tree``,
 ``wsss.torch``, ``wsss.timm``, ``wsss.hardware``, ``wsss.stage_status`` (e.g. train_seg=fused).
 Params: the resolved trial config flattened (``method.*``, ``dataset.*``, ``eval.*``, ``seed``).
 """
@@ -85,22 +85,42 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK)
 
 
+# The directories whose content decides a trial's numbers: a commit that touches only tests,
+# docs or reports leaves ``wsss.code_tree`` unchanged, so the report keeps averaging over it.
+RESULT_CODE = ("harness", "methods")
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=5).stdout.strip()
+
+
 def code_version() -> dict[str, str]:
+    """Provenance tags: ``wsss.git_commit`` (HEAD, ``-dirty`` with local changes) and
+    ``wsss.code_tree``, a hash of the git trees of :data:`RESULT_CODE` (``-dirty`` when those
+    have uncommitted changes): the version the leaderboard groups runs by."""
+    import hashlib
+
     import timm
     import torch
 
     from harness import __version__
 
-    commit = "unknown"
+    commit, tree = "unknown", "unknown"
     try:
         repo = Path(__file__).resolve().parents[1]
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()
-        if dirty and commit != "unknown":
-            commit += "-dirty"
+        commit = _git(repo, "rev-parse", "HEAD") or "unknown"
+        if commit != "unknown":
+            if _git(repo, "status", "--porcelain", "--untracked-files=no"):
+                commit += "-dirty"
+            trees = _git(repo, "rev-parse", *(f"HEAD:{d}" for d in RESULT_CODE))
+            if trees:
+                tree = hashlib.sha1(trees.encode()).hexdigest()[:12]
+                if _git(repo, "status", "--porcelain", "--untracked-files=no", "--", *RESULT_CODE):
+                    tree += "-dirty"
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"wsss.code_version": __version__, "wsss.git_commit": commit, "wsss.torch": torch.__version__, "wsss.timm": timm.__version__}
+    return {"wsss.code_version": __version__, "wsss.git_commit": commit, "wsss.code_tree": tree,
+            "wsss.torch": torch.__version__, "wsss.timm": timm.__version__}
 
 
 def hardware(device: str) -> str:

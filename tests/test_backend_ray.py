@@ -163,8 +163,6 @@ def test_unreachable_address_is_one_clear_message(tmp_path, capsys):
     assert "Cannot reach the Ray cluster at 127.0.0.1:" in out and "ray start --head" in out and "Traceback" not in out
 
 
-@pytest.mark.skip(reason="known failure: starting a second local Ray cluster while this module's head node runs "
-                  "fails with 'Failed to start GCS' on this machine; open in issue 6")
 def test_without_address_a_local_cluster_starts_on_loopback(tmp_path_factory, monkeypatch):
     import ray
 

@@ -85,7 +85,7 @@ def test_requeued_and_preempted_jobs_resume_and_wait_reattaches(slurm_cluster, t
 
     reference = reference_metrics(tmp_path_factory)
     args = ["--methods", "cam_pause", "--seeds", "0,1", "--cpus-per-trial", "1", "--backend", "slurm", "--time", "30",
-            "cam_pause.pause_s=25"]  # overrides last: run_cli appends the TINY ones
+            "cam_pause.pause_s=15"]  # overrides last: run_cli appends the TINY ones
     assert run_cli(tmp_path, *args) == 0  # returns after submission
     out = capsys.readouterr().out
     assert "Submitted to SLURM" in out and "wsss-bench status" in out

@@ -291,3 +291,23 @@ def test_every_csv_column_is_documented():
         assert pattern in doc, f"leaderboard.csv column {column} ({pattern}) is not documented in harness/report.py"
     for column in report.PAIRWISE_COLUMNS + report.PER_CLASS_COLUMNS + report.RUN_COLUMNS:
         assert column in doc, column
+
+
+def test_runs_group_by_code_tree_not_by_commit(tmp_path):
+    """A commit that touches only tests or docs keeps ``wsss.code_tree``: its runs average with
+    the earlier ones; a different tree is a separate row."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("wsss-bench/tree", artifact_location=(tmp_path / "art").as_uri())
+    for seed, commit, tree, value in ((0, "c1", "t1", 40.0), (1, "c2", "t1", 44.0), (2, "c3", "t2", 10.0)):
+        tags = {"wsss.trial_id": f"z{seed}", "wsss.method": "zeta", "wsss.dataset": "synthetic", "wsss.suite": "tree",
+                "wsss.seed": str(seed), "wsss.status": "finished", "wsss.git_commit": commit, "wsss.code_tree": tree}
+        rid = client.create_run(exp, tags=tags).info.run_id
+        client.log_metric(rid, "val_miou_ss", value)
+        client.set_terminated(rid)
+    board = report.build_leaderboard(report.fetch_runs(uri), {})
+    t1, t2 = row(board, "zeta @t1", suite="tree"), row(board, "zeta @t2", suite="tree")
+    assert t1["n_seeds"] == 2 and t1["val_miou_ss_mean"] == pytest.approx(42.0) and t1["code_version"] == "t1"
+    assert t2["n_seeds"] == 1 and t2["val_miou_ss_mean"] == pytest.approx(10.0)

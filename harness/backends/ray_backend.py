@@ -108,7 +108,7 @@ def connect(address: str | None, num_cpus: int | None, num_gpus: int | None) -> 
         # Ray clusters started where a token exists require it, but a client joining them
         # only sends it in token mode; a token sent to a cluster without auth is ignored.
         os.environ["RAY_AUTH_MODE"] = "token"
-        _refresh_ray_config()
+    _refresh_ray_config()  # in case ray was imported before the environment said how to authenticate
     import ray
 
     if ray.is_initialized():
