@@ -19,7 +19,9 @@ from rich.table import Table
 
 from harness.errors import ConfigError, ResultsError, WsssError
 
-console = Console()
+# Off a terminal (logs, CI, pipes) rich would assume 80 columns and fold the tables; COLUMNS
+# still wins when set.
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 132)
 
 
 def _parser() -> argparse.ArgumentParser:
