@@ -170,14 +170,19 @@ class Method(abc.ABC):
 METHODS: dict[str, type[Method]] = {}
 
 
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available to the harness under ``cls.name``."""
+def add_to_registry(registry: dict[str, Any], cls: Any, kind: str) -> Any:
+    """Put ``cls`` in ``registry`` under ``cls.name``; a name may not be taken twice."""
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} has no `name`")
-    if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise ValueError(f"method name {cls.name!r} registered twice")
-    METHODS[cls.name] = cls
+    if cls.name in registry and registry[cls.name] is not cls:
+        raise ValueError(f"{kind} name {cls.name!r} registered twice")
+    registry[cls.name] = cls
     return cls
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available to the harness under ``cls.name``."""
+    return add_to_registry(METHODS, cls, "method")
 
 
 def iter_batches(n: int, batch_size: int) -> Iterator[range]:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from harness.errors import ConfigError, DataError, suggest, unknown
-from methods.base import IGNORE_INDEX, DatasetInfo, Sample
+from methods.base import IGNORE_INDEX, DatasetInfo, Sample, add_to_registry
 
 SampleReader = Callable[[str], Sample]
 
@@ -264,12 +264,7 @@ DATASETS: dict[str, type[Dataset]] = {}
 
 def register_dataset(cls: type[Dataset]) -> type[Dataset]:
     """Class decorator: make a dataset available under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no `name`")
-    if cls.name in DATASETS and DATASETS[cls.name] is not cls:
-        raise ValueError(f"dataset name {cls.name!r} registered twice")
-    DATASETS[cls.name] = cls
-    return cls
+    return add_to_registry(DATASETS, cls, "dataset")
 
 
 def create_dataset(name: str, root: Path | None, cache_dir: Path, options: Mapping[str, Any]) -> Dataset:

@@ -22,10 +22,9 @@ it leaves open are config fields, listed in README.md.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,6 +54,7 @@ from methods.common.training import (
     normalize,
     poly_lr,
     resize_to,
+    seeded,
     threshold_masks,
 )
 from methods.common.vit import pad_to_multiple
@@ -133,15 +133,6 @@ class ADCAMConfig(MethodConfig):
                 raise ValueError(f"adcam: {name}={getattr(self, name)!r}; expected one of {sorted(allowed)}")
         if self.top_k < 1 or self.diffusion_steps < 0:
             raise ValueError("adcam: top_k must be >= 1 and diffusion_steps >= 0")
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a block with the global RNGs (init, drop-path) seeded, restoring them afterwards."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 @register

@@ -31,7 +31,7 @@ from methods.afa.losses import affinity_loss, balanced_seg_loss, classification_
 from methods.afa.model import AFANet
 from methods.afa.par import PAR
 from methods.base import CRFParams, DatasetInfo, Method, MethodConfig, SampleSource, StageContext, register
-from methods.common.training import CropAugment, iterate_batches, mask_absent, normalize, resize_to, set_lr
+from methods.common.training import CropAugment, iterate_batches, mask_absent, normalize, resize_to, seeded, set_lr
 
 
 @dataclass
@@ -204,12 +204,10 @@ class AFA(Method):
         gen = ctx.generator(1)
         augment = CropAugment(cfg.crop, tuple(cfg.scale_range), flip=True)
         optimizer = build_optimizer(self.net, cfg)
-        devices = [self.device] if self.device.type == "cuda" else []
-        # Initial weights, drop-path and dropout draw from the global RNG: fork it, seed it
-        # from the trial, and re-draw the initial weights in place (the network was built in
-        # __init__, which has no seed) so a seed fixes the whole run.
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=ctx.generator(2))))
+        # Initial weights, drop-path and dropout draw from the global RNG: seed it from the
+        # trial and re-draw the initial weights in place (the network was built in __init__,
+        # which has no seed) so a seed fixes the whole run.
+        with seeded(int(torch.randint(0, 2**62, (1,), generator=ctx.generator(2))), self.device):
             self.net.load_state_dict(self._build_net().state_dict())
             self.net.train()
             step = 0

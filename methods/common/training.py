@@ -7,6 +7,7 @@ seed gives the same batches, bit for bit, on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -19,6 +20,16 @@ from methods.base import IGNORE_INDEX, SampleSource, to_tensor_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with torch's global RNGs (weight init, dropout, drop-path) seeded from
+    ``seed``, restoring the caller's RNG state afterwards (CUDA's too on a CUDA device)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

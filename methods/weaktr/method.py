@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from methods.base import (
 )
 from methods.common.crf import dense_crf_labels
 from methods.common.training import (
-    CropAugment, iterate_batches, normalize, poly_lr, set_lr, threshold_masks, warmup_cosine_lr,
+    CropAugment, iterate_batches, normalize, poly_lr, seeded, set_lr, threshold_masks, warmup_cosine_lr,
 )
 from methods.weaktr.aaf import AAF_PRIORS
 from methods.weaktr.augment import SegAugment, TimmCamAugment
@@ -109,16 +109,6 @@ class WeakTrConfig(MethodConfig):
     crf_bilateral_compat: float = 3.0
     # -- numerics --------------------------------------------------------------------------
     bf16: bool = False  # bf16 autocast (CUDA) for training and inference
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a block with torch's global RNG (weights init, dropout, drop-path) seeded, restoring
-    the caller's RNG state afterwards."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def _param_groups(model: nn.Module, weight_decay: float, lr_scale: float = 1.0) -> list[dict[str, Any]]:
