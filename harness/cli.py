@@ -24,6 +24,21 @@ from harness.errors import ConfigError, ResultsError, WsssError
 console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 132)
 
 
+# The headline metrics of a trial's one-line summary, in stage order.
+OUTCOME_METRICS = (("cam_miou", "CAM"), ("mask_miou", "mask"), ("val_miou_ss", "val SS"), ("val_miou_ms_crf", "val MS+CRF"))
+
+
+def _outcome_line(outcome) -> str:
+    """One line per trial as it ends, so logs (SLURM, CI, nohup) show the sweep's progress."""
+    import time
+
+    spec = outcome.spec
+    figures = ", ".join(f"{name} {outcome.metrics[key]:.1f}" for key, name in OUTCOME_METRICS if key in outcome.metrics)
+    colour = {"finished": "green", "skipped": "dim", "failed": "red"}.get(outcome.state, "yellow")
+    detail = figures if outcome.state != "failed" else escape(outcome.error.splitlines()[0][:200] if outcome.error else "")
+    return f"{time.strftime('%H:%M:%S')} [{colour}]{outcome.state}[/] {escape(spec.label)} ({spec.trial_id})" + (f": {detail}" if detail else "")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss-bench", description="Benchmark weakly-supervised semantic segmentation methods.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,7 +200,8 @@ def cmd_run(args) -> int:
             return report
 
         swept = run_sweep(specs, results, uri, options, args.device, args.force, parent, factory,
-                          on_outcome=lambda outcome: progress.advance(sweep_task), log=lambda text: progress.console.print(escape(text), soft_wrap=True))
+                          on_outcome=lambda outcome: (progress.advance(sweep_task), progress.console.print(_outcome_line(outcome), soft_wrap=True)),
+                          log=lambda text: progress.console.print(escape(text), soft_wrap=True))
     outcomes = swept.outcomes
     for spec, where in swept.already_queued:
         console.print(f"[yellow]{spec.label} ({spec.trial_id}) is already queued or running ({where}); not submitted again.")

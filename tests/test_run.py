@@ -76,11 +76,14 @@ def test_dry_run_shows_states(finished, capsys):
     assert "finished" in out and "new" in out
 
 
-def test_same_seed_same_metrics(finished, tmp_path):
+def test_same_seed_same_metrics(finished, tmp_path, capsys):
     assert _run(tmp_path) == 0
     a, b = _runs(finished)[0].data.metrics, _runs(tmp_path)[0].data.metrics
     quality = [k for k in a if "iou" in k or "threshold" in k]
     assert quality and {k: a[k] for k in quality} == {k: b[k] for k in quality}
+    # each trial's end is one log line with its headline figures (logs, not only a progress bar)
+    line = f"finished cam/synthetic/seed0 ({_runs(tmp_path)[0].data.tags['wsss.trial_id']}): CAM {b['cam_miou']:.1f}, mask {b['mask_miou']:.1f}"
+    assert line in " ".join(capsys.readouterr().out.split())
 
 
 def test_interrupted_trial_resumes_at_next_stage(finished, tmp_path):
