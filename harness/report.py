@@ -942,6 +942,7 @@ def to_markdown(board: Leaderboard, plots: dict[str, str] | None = None, gallery
 def leaderboard_table(board: Leaderboard):
     """The leaderboard as a rich Table for the terminal (key columns only; the files have
     everything). n is 'finished/expected' seeds."""
+    from rich.markup import escape
     from rich.table import Table
 
     suites = sorted(set(board.table["suite"])) if not board.table.empty else []
@@ -961,7 +962,8 @@ def leaderboard_table(board: Leaderboard):
         cells = [fmt_stat(row, m, ci=False).replace(" (n=1)", "") for m, _ in columns]
         expected = row["n_seeds"] + (len(str(row["missing_seeds"]).split()) if row["missing_seeds"] else 0)
         lead = [row["suite"]] if len(suites) > 1 else []
-        table.add_row(*lead, row["label"] + _flag(row), f"{row['n_seeds']}/{expected}", *cells,
+        label = escape(row["label"] + _flag(row))  # a variant "[aaf=False]" is text, not rich markup
+        table.add_row(*lead, label, f"{row['n_seeds']}/{expected}", *cells,
                       fmt_rank(row, primary, board.table) if primary else "-", fmt_hours(row["time_total_s_mean"] / 3600),
                       fmt_num(row["params_total"] / 1e6, 2), fmt_num(row["gmacs_total"], 2))
     table.caption = (f"n = finished/expected seeds. CAM* = best background threshold (oracle); CAM@t = the suite's fixed threshold. Rank by "

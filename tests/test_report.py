@@ -301,13 +301,21 @@ def test_runs_group_by_code_tree_not_by_commit(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("wsss-bench/tree", artifact_location=(tmp_path / "art").as_uri())
-    for seed, commit, tree, value in ((0, "c1", "t1", 40.0), (1, "c2", "t1", 44.0), (2, "c3", "t2", 10.0)):
-        tags = {"wsss.trial_id": f"z{seed}", "wsss.method": "zeta", "wsss.dataset": "synthetic", "wsss.suite": "tree",
+    runs = ((0, "c1", "t1", 40.0, "true"), (1, "c2", "t1", 44.0, "true"), (2, "c3", "t2", 10.0, "true"), (0, "c3", "t2", 5.0, "false"))
+    for seed, commit, tree, value, aaf in runs:
+        tags = {"wsss.trial_id": f"z{seed}{aaf}", "wsss.method": "zeta", "wsss.dataset": "synthetic", "wsss.suite": "tree",
                 "wsss.seed": str(seed), "wsss.status": "finished", "wsss.git_commit": commit, "wsss.code_tree": tree}
         rid = client.create_run(exp, tags=tags).info.run_id
+        client.log_param(rid, "method.aaf", aaf)
         client.log_metric(rid, "val_miou_ss", value)
         client.set_terminated(rid)
     board = report.build_leaderboard(report.fetch_runs(uri), {})
-    t1, t2 = row(board, "zeta @t1", suite="tree"), row(board, "zeta @t2", suite="tree")
+    t1, t2 = row(board, "zeta [aaf=true] @t1", suite="tree"), row(board, "zeta [aaf=true] @t2", suite="tree")
     assert t1["n_seeds"] == 2 and t1["val_miou_ss_mean"] == pytest.approx(42.0) and t1["code_version"] == "t1"
     assert t2["n_seeds"] == 1 and t2["val_miou_ss_mean"] == pytest.approx(10.0)
+    # the terminal table shows variants as text (rich would swallow "[aaf=false]" as markup)
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(report.leaderboard_table(board))
+    assert "zeta [aaf=false]" in console.export_text()
