@@ -952,7 +952,7 @@ def leaderboard_table(board: Leaderboard):
                ("val_miou_ms_crf", "val MS+CRF")]
     if len(suites) > 1:
         table.add_column("suite")
-    table.add_column("method", no_wrap=True)
+    table.add_column("method", no_wrap=True, max_width=44, overflow="ellipsis")  # long variant labels: full in the .md
     for name in ["n"] + [t for _, t in columns] + ["rank", "time", "M params", "GMACs"]:
         table.add_column(name, justify="right")
     if board.table.empty:
