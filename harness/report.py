@@ -284,6 +284,18 @@ def _run_row(run, experiment_name: str) -> dict[str, Any] | None:
     return row
 
 
+def _oracle_threshold_at_sweep_end(done: pd.DataFrame) -> list[int]:
+    """Seeds whose best CAM threshold is the last one swept: the optimum may lie beyond."""
+    if "cam_best_threshold" not in done:
+        return []
+    seeds = []
+    for _, run in done.iterrows():
+        best, stop = run["cam_best_threshold"], json.loads(run["config"]).get("eval.threshold_stop")
+        if stop is not None and not pd.isna(best) and abs(float(best) - float(stop)) < 1e-9:
+            seeds.append(int(run["seed"]))
+    return sorted(seeds)
+
+
 def _known(value: str | None) -> str | None:
     return None if value in (None, "", "unknown") else value
 
@@ -511,6 +523,10 @@ def build_leaderboard(
         rows.append(row)
         row_keys.append(key)
         per_class_rows += _per_class(done, row)
+        at_edge = _oracle_threshold_at_sweep_end(done)
+        if at_edge:
+            warnings.append(f"{suite}/{dataset}: **{label}**: the oracle CAM threshold is the sweep's upper end for seed(s) "
+                            f"{' '.join(map(str, at_edge))}; its CAM* may lie past the range (raise eval.threshold_stop).")
         if missing and seeds:
             failed_seeds = sorted(int(s) for s in failed_here["seed"])
             note = f" (failed or unfinished: {' '.join(map(str, failed_seeds))})" if failed_seeds else ""
