@@ -31,7 +31,7 @@ clean:
 
 # The committed reports (reports/synthetic, reports/voc-mini): every method of the synthetic
 # suite over 3 seeds plus the papers' ablations, and every method on voc-mini. VOC_SEEDS is 0
-# by default: a voc-mini trial takes 10-40 min on 2 CPU cores. `|| true`: a failed trial is
+# by default: a voc-mini trial took 43-91 min on 2 busy CPU cores. `|| true`: a failed trial is
 # listed in the report rather than stopping it.
 RUN := $(BIN)/wsss-bench run --max-parallel 2 --cpus-per-trial 1
 VOC_SEEDS ?= 0
