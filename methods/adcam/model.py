@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from methods.common.conformer import CONFORMER_ARCHS, Conformer, LastStage, load_conformer_checkpoint
+from methods.common.conformer import CONFORMER_ARCHS, Conformer, LastStage, create_conformer
 from methods.common.vit import VIT_ARCHS, create_vit, patch_grid, run_blocks, tokens_to_map
 
 BACKBONES = tuple(CONFORMER_ARCHS) + tuple(VIT_ARCHS)
@@ -125,16 +125,7 @@ def build_cam_net(
 ) -> CamNet:
     """The CAM network for ``backbone`` (a Conformer or ViT short name)."""
     if backbone in CONFORMER_ARCHS:
-        net = ConformerCAM(
-            num_classes=num_classes,
-            last_stage=last_stage,
-            drop_path_rate=drop_path_rate,
-            stop_gradient=stop_gradient,
-            **CONFORMER_ARCHS[backbone],
-        )
-        if pretrained:
-            load_conformer_checkpoint(net, pretrained)
-        return net
+        return create_conformer(backbone, num_classes, pretrained, last_stage, drop_path_rate, stop_gradient, cls=ConformerCAM)
     if backbone in VIT_ARCHS:
         return ViTCAM(backbone, num_classes, img_size, pretrained, drop_path_rate, stop_gradient)
     raise ValueError(f"unknown AD-CAM backbone {backbone!r}; known: {sorted(BACKBONES)}")

@@ -448,12 +448,13 @@ def create_conformer(
     last_stage: LastStage = "stride2",
     drop_path_rate: float = 0.0,
     stop_gradient: bool = False,
+    cls: type[Conformer] | None = None,
 ) -> Conformer:
     """A Conformer by short name (:data:`CONFORMER_ARCHS`), optionally loading a local
-    checkpoint (the hub is never contacted)."""
+    checkpoint (the hub is never contacted). ``cls``: a Conformer subclass to build instead."""
     if arch not in CONFORMER_ARCHS:
         raise ValueError(f"unknown Conformer architecture {arch!r}; known: {sorted(CONFORMER_ARCHS)}")
-    model = Conformer(
+    model = (cls or Conformer)(
         num_classes=num_classes,
         last_stage=last_stage,
         drop_path_rate=drop_path_rate,
