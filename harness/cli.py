@@ -199,10 +199,16 @@ def cmd_run(args) -> int:
 
             return report
 
-        swept = run_sweep(specs, results, uri, options, args.device, args.force, parent, factory,
-                          on_outcome=lambda outcome: (progress.advance(sweep_task), progress.console.print(_outcome_line(outcome), soft_wrap=True)),
-                          log=lambda text: progress.console.print(escape(text), soft_wrap=True))
+        try:
+            swept = run_sweep(specs, results, uri, options, args.device, args.force, parent, factory,
+                              on_outcome=lambda outcome: (progress.advance(sweep_task), progress.console.print(_outcome_line(outcome), soft_wrap=True)),
+                              log=lambda text: progress.console.print(escape(text), soft_wrap=True))
+        except BaseException as exc:  # the trials record their own state; the parent must not stay RUNNING
+            tracker.close_sweep(parent, [], status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
     outcomes = swept.outcomes
+    if not swept.submitted and not swept.already_queued:  # trials still queued elsewhere keep the parent open
+        tracker.close_sweep(parent, [o.state for o in outcomes])
     for spec, where in swept.already_queued:
         console.print(f"[yellow]{spec.label} ({spec.trial_id}) is already queued or running ({where}); not submitted again.")
     if swept.submitted:

@@ -194,9 +194,23 @@ class Tracker:
         """The parent run of a sweep, reused when the same sweep is run again."""
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`wsss.sweep_key` = '{key}'", max_results=1)
         if runs:
-            return runs[0].info.run_id
+            run_id = runs[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
         run = self.client.create_run(self.experiment_id, run_name=f"sweep-{key[:8]}", tags={"wsss.sweep_key": key, "wsss.kind": "sweep", "mlflow.note.content": description})
         return run.info.run_id
+
+    def close_sweep(self, run_id: str, states: list[str], status: str | None = None) -> None:
+        """End a sweep's parent run so the MLflow UI does not show it running forever.
+
+        ``states`` are the trials' end states; the run is FAILED when any trial failed, else
+        FINISHED, unless ``status`` says otherwise (KILLED on Ctrl-C). Trials still queued on
+        SLURM leave the parent RUNNING: the caller does not close it then.
+        """
+        counts = {state: states.count(state) for state in ("finished", "failed", "skipped")}
+        for state, count in counts.items():
+            self.client.log_metric(run_id, f"trials_{state}", count)
+        self.client.set_terminated(run_id, status=status or ("FAILED" if counts["failed"] else "FINISHED"))
 
     def open_trial_run(self, spec: TrialSpec, parent_run_id: str | None, device: str) -> str:
         """Reuse the trial's unfinished run if there is one (no duplicates), else create it."""

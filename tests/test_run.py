@@ -33,6 +33,13 @@ def _runs(results: Path):
     return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("wsss.kind") != "sweep"]
 
 
+def _sweep_run(results: Path):
+    client = MlflowClient(default_tracking_uri(results))
+    exp = client.get_experiment_by_name("wsss-bench/synthetic")
+    (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("wsss.kind") == "sweep"]
+    return run
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     results = tmp_path_factory.mktemp("results")
@@ -49,7 +56,10 @@ def test_every_metric_lands_in_mlflow_and_report(finished):
     assert 0 <= run.data.metrics["cam_miou"] <= 100
     assert any(k.startswith("iou_cam/") for k in run.data.metrics)
     assert run.data.tags["wsss.status"] == "finished" and run.info.status == "FINISHED"
-    assert run.data.tags["mlflow.parentRunId"]
+    parent = _sweep_run(finished)
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    # the sweep's parent run ends with its trials (the MLflow UI must not show it running forever)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 1
     assert run.data.params["method.epochs"] == "1"
     curve = MlflowClient(default_tracking_uri(finished)).get_metric_history(run.info.run_id, "cam_curve")
     assert [p.step for p in curve] == list(range(0, 61))
@@ -123,6 +133,8 @@ def test_failed_trial_is_recorded_and_exit_code_nonzero(tmp_path, capsys):
     runs = _runs(tmp_path)
     assert runs[0].data.tags["wsss.status"] == "failed"
     assert "wsss.error" in runs[0].data.tags
+    parent = _sweep_run(tmp_path)
+    assert parent.info.status == "FAILED" and parent.data.metrics["trials_failed"] == 1
     assert (next((tmp_path / "trials").iterdir()) / "error.txt").exists()
     assert "failed" in capsys.readouterr().out
 
