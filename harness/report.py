@@ -146,9 +146,11 @@ PROTOCOL = (
     "— an *oracle*, because the threshold is chosen with pixel labels; **CAM@t** = the same CAMs at the suite's fixed, "
     "pre-declared threshold (not an oracle). **mask** = pseudo-mask mIoU on the training split (255 'unsure' pixels count "
     "as background). **val SS** = segmentation on the val split, single scale, no CRF; **val MS** = the method's "
-    "multi-scale + flip protocol; **val MS+CRF** = that followed by dense CRF. Ranks: 1 = best; rows share a rank when "
-    "the paired comparison over matched seeds cannot distinguish them from seed noise (95% CI of the mean paired "
-    "difference contains 0, or fewer than 2 matched seeds); rows with fewer than 2 seeds are not ranked."
+    "multi-scale + flip protocol; **val MS+CRF** = that followed by dense CRF. Rank of a row = 1 + the number of rows "
+    "distinguishably better than it in the paired comparison over matched seeds (95% CI of the mean paired difference "
+    "excludes 0); rows share a rank when seed noise cannot separate them. A row with a noisy metric can therefore "
+    "out-rank a steadier row with a slightly higher mean (rows are listed by mean). Rows with fewer than 2 seeds are "
+    "not ranked."
 )
 
 
@@ -399,7 +401,10 @@ def _label(method: str, variant: str, version: str, mixed: bool) -> str:
     if variant:
         text += f" [{variant}]"
     if mixed:
-        text += f" @{version[:12]}"
+        # keep "-dirty": a clean and a dirty run of one code tree are different rows and need
+        # different labels (plots and tables are keyed by label)
+        base, dirty, _ = version.partition("-dirty")
+        text += f" @{base[:12]}{dirty}"
     return text
 
 

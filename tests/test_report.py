@@ -160,6 +160,24 @@ def test_duplicates_and_dirty_code_are_flagged():
     assert any("uncommitted changes" in w for w in board.warnings)
 
 
+def test_clean_and_dirty_runs_of_one_tree_get_distinct_labels(tmp_path):
+    """Editing the code between trials gives runs tagged ``<tree>`` and ``<tree>-dirty``: two
+    rows with two labels (a shared label once crashed the per-class plot)."""
+    base = {"suite": "s", "dataset": "d", "method": "m", "status": "finished", "hardware": "cpu", "config": "{}", "error": ""}
+    tree = "609d9bdecc4e"
+    runs = pd.DataFrame([
+        {**base, "seed": 0, "run_id": "a", "code_version": tree, "val_miou_ss": 10.0, "iou_val_ss/background": 50.0},
+        {**base, "seed": 0, "run_id": "b", "code_version": f"{tree}-dirty", "val_miou_ss": 20.0, "iou_val_ss/background": 60.0},
+    ])
+    board = report.build_leaderboard(runs)
+    assert sorted(board.table["label"]) == [f"m @{tree}", f"m @{tree}-dirty"]
+    pc = board.per_class[board.per_class["what"] == "val_ss"]
+    assert sorted(pc["mean"]) == [50.0, 60.0]
+    from harness.report_plots import per_class_plot
+
+    assert per_class_plot(pc, list(board.table["label"]), {}, "val", tmp_path / "pc.png").exists()
+
+
 def test_variants_of_one_method_are_separate_rows():
     base = {"suite": "s", "dataset": "d", "method": "m", "status": "finished", "hardware": "cpu", "code_version": "c", "error": ""}
     runs = pd.DataFrame([
