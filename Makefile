@@ -31,7 +31,7 @@ clean:
 
 # The committed reports (reports/synthetic, reports/voc-mini): every method of the synthetic
 # suite over 3 seeds plus the papers' ablations, and every method on voc-mini over 3 seeds
-# (8 voc-mini trials took 1 h 55 min two at a time on 2 idle CPU cores: 20-43 min each; set
+# (8 voc-mini trials took 2 h 12 min two at a time on 2 idle CPU cores: 22-44 min each; set
 # VOC_SEEDS=0 for a quicker single-seed report). `|| true`: a failed trial is listed in the
 # report rather than stopping it.
 RUN := $(BIN)/wsss-bench run --max-parallel 2 --cpus-per-trial 1
