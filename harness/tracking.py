@@ -195,7 +195,7 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`wsss.sweep_key` = '{key}'", max_results=1)
         if runs:
             run_id = runs[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            self._set_sweep_status(run_id, "RUNNING")
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=f"sweep-{key[:8]}", tags={"wsss.sweep_key": key, "wsss.kind": "sweep", "mlflow.note.content": description})
         return run.info.run_id
@@ -208,9 +208,24 @@ class Tracker:
         SLURM leave the parent RUNNING: the caller does not close it then.
         """
         counts = {state: states.count(state) for state in ("finished", "failed", "skipped")}
-        for state, count in counts.items():
-            self.client.log_metric(run_id, f"trials_{state}", count)
-        self.client.set_terminated(run_id, status=status or ("FAILED" if counts["failed"] else "FINISHED"))
+        try:
+            for state, count in counts.items():
+                self.client.log_metric(run_id, f"trials_{state}", count)
+        except Exception as exc:  # noqa: BLE001 - see _set_sweep_status
+            print(f"warning: could not record the trial counts on sweep run {run_id} in {self.uri}: {exc}")
+        self._set_sweep_status(run_id, status or ("FAILED" if counts["failed"] else "FINISHED"))
+
+    def _set_sweep_status(self, run_id: str, status: str) -> None:
+        """The parent run's status is bookkeeping: a store that refuses the write (e.g. its
+        database file deleted under a long-lived process) must not fail a sweep whose trials are
+        recorded; say so instead."""
+        try:
+            if status == "RUNNING":
+                self.client.update_run(run_id, status=status)
+            else:
+                self.client.set_terminated(run_id, status=status)  # also records the end time
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad store
+            print(f"warning: could not set sweep run {run_id} to {status} in {self.uri}: {exc}")
 
     def open_trial_run(self, spec: TrialSpec, parent_run_id: str | None, device: str) -> str:
         """Reuse the trial's unfinished run if there is one (no duplicates), else create it."""
