@@ -204,7 +204,7 @@ def cmd_run(args) -> int:
                               on_outcome=lambda outcome: (progress.advance(sweep_task), progress.console.print(_outcome_line(outcome), soft_wrap=True)),
                               log=lambda text: progress.console.print(escape(text), soft_wrap=True))
         except BaseException as exc:  # the trials record their own state; the parent must not stay RUNNING
-            tracker.close_sweep(parent, [], status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            tracker.close_sweep(parent, None, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
     outcomes = swept.outcomes
     if not swept.submitted and not swept.already_queued:  # trials still queued elsewhere keep the parent open

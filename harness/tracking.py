@@ -195,31 +195,29 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`wsss.sweep_key` = '{key}'", max_results=1)
         if runs:
             run_id = runs[0].info.run_id
-            self._set_sweep_status(run_id, "RUNNING")
+            self._update_sweep(run_id, "RUNNING")
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=f"sweep-{key[:8]}", tags={"wsss.sweep_key": key, "wsss.kind": "sweep", "mlflow.note.content": description})
         return run.info.run_id
 
-    def close_sweep(self, run_id: str, states: list[str], status: str | None = None) -> None:
+    def close_sweep(self, run_id: str, states: list[str] | None, status: str | None = None) -> None:
         """End a sweep's parent run so the MLflow UI does not show it running forever.
 
-        ``states`` are the trials' end states; the run is FAILED when any trial failed, else
-        FINISHED, unless ``status`` says otherwise (KILLED on Ctrl-C). Trials still queued on
-        SLURM leave the parent RUNNING: the caller does not close it then.
+        ``states`` are the trials' end states (None when the sweep stopped before reporting
+        them); the run is FAILED when any trial failed, else FINISHED, unless ``status`` says
+        otherwise (KILLED on Ctrl-C). Trials still queued on SLURM leave the parent RUNNING: the
+        caller does not close it then.
         """
-        counts = {state: states.count(state) for state in ("finished", "failed", "skipped")}
-        try:
-            for state, count in counts.items():
-                self.client.log_metric(run_id, f"trials_{state}", count)
-        except Exception as exc:  # noqa: BLE001 - see _set_sweep_status
-            print(f"warning: could not record the trial counts on sweep run {run_id} in {self.uri}: {exc}")
-        self._set_sweep_status(run_id, status or ("FAILED" if counts["failed"] else "FINISHED"))
+        counts = {state: states.count(state) for state in ("finished", "failed", "skipped")} if states is not None else {}
+        self._update_sweep(run_id, status or ("FAILED" if counts.get("failed") else "FINISHED"), counts)
 
-    def _set_sweep_status(self, run_id: str, status: str) -> None:
-        """The parent run's status is bookkeeping: a store that refuses the write (e.g. its
-        database file deleted under a long-lived process) must not fail a sweep whose trials are
-        recorded; say so instead."""
+    def _update_sweep(self, run_id: str, status: str, counts: dict[str, int] | None = None) -> None:
+        """The parent run's status and trial counts are bookkeeping: a store that refuses the
+        write (e.g. its database file deleted under a long-lived process) must not fail a sweep
+        whose trials are recorded; say so instead."""
         try:
+            for state, count in (counts or {}).items():
+                self.client.log_metric(run_id, f"trials_{state}", count)
             if status == "RUNNING":
                 self.client.update_run(run_id, status=status)
             else:

@@ -27,16 +27,18 @@ def _run(results: Path, *extra: str) -> int:
     return main(["run", "--methods", "cam", "--dataset", "synthetic", "--seeds", "0", "--results", str(results), *TINY, *extra])
 
 
-def _runs(results: Path):
+def _all_runs(results: Path):
     client = MlflowClient(default_tracking_uri(results))
     exp = client.get_experiment_by_name("wsss-bench/synthetic")
-    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("wsss.kind") != "sweep"]
+    return client.search_runs([exp.experiment_id])
+
+
+def _runs(results: Path):
+    return [r for r in _all_runs(results) if r.data.tags.get("wsss.kind") != "sweep"]
 
 
 def _sweep_run(results: Path):
-    client = MlflowClient(default_tracking_uri(results))
-    exp = client.get_experiment_by_name("wsss-bench/synthetic")
-    (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("wsss.kind") == "sweep"]
+    (run,) = [r for r in _all_runs(results) if r.data.tags.get("wsss.kind") == "sweep"]
     return run
 
 
