@@ -175,7 +175,20 @@ class TrialRunner:
         def report(done: int, total: int) -> None:
             self.progress(stage, done, total)
 
-        return StageContext(self.device, self.spec.seed, self.dir.workdir(stage), self.log_metric, report)
+        return StageContext(self.device, self.spec.seed, self.dir.workdir(stage), self.log_metric, report, score_cams=self._score_cams)
+
+    def _score_cams(self) -> float:
+        """``StageContext.score_cams``: CAM mIoU (%) of the method's current ``cams()`` on the
+        cam-eval split at the best threshold of the eval sweep (an oracle: pixel labels)."""
+        ev, split = self.eval, self.split("cam_eval")
+        thresholds = np.round(np.arange(ev["threshold_start"], ev["threshold_stop"] + 1e-9, ev["threshold_step"]), 4)
+        sweep = CamThresholdSweep(num_classes=self.dataset.info.num_classes, thresholds=thresholds, convention=ev["convention"])
+        for batch in _size_groups(split, self._limited(split, ev["max_cam_eval"]), ev["batch_size"]):
+            images, labels = stack_samples(batch)
+            with torch.no_grad():
+                cams = self.method.cams(images.to(self.device), labels.to(self.device)).float().cpu()
+            sweep.update(cams, labels, torch.from_numpy(np.stack([s.mask for s in batch]).astype(np.int64)))
+        return sweep.compute().best_miou * 100
 
     # -- stages ----------------------------------------------------------------------------
     def _stage_train_cam(self):
@@ -398,9 +411,13 @@ class TrialRunner:
         return "done", metrics, {}
 
     def _crf_flush(self, metric, images, probs, targets) -> None:
-        refined_probs = dense_crf_many(images, probs, self._segmenter().crf_params(), self.eval["crf_workers"])
-        for refined, target in zip(refined_probs, targets):
-            metric.update(torch.from_numpy(refined.argmax(0))[None], torch.from_numpy(target.astype(np.int64))[None])
+        from methods.base import crf_inputs_all_classes  # the shared segmenter has no crf_inputs hook
+
+        segmenter = self._segmenter()
+        inputs = [getattr(segmenter, "crf_inputs", crf_inputs_all_classes)(p) for p in probs]
+        refined_probs = dense_crf_many(images, [unary for unary, _ in inputs], segmenter.crf_params(), self.eval["crf_workers"])
+        for refined, (_, classes), target in zip(refined_probs, inputs, targets):
+            metric.update(torch.from_numpy(classes[refined.argmax(0)])[None], torch.from_numpy(target.astype(np.int64))[None])
         images.clear()
         probs.clear()
         targets.clear()

@@ -87,7 +87,12 @@ class CRFParams:
 @dataclass
 class StageContext:
     """What the harness gives a training stage: device, seed, a scratch directory for
-    mid-stage checkpoints (resumed by the method itself if it wants), and callbacks."""
+    mid-stage checkpoints (resumed by the method itself if it wants), and callbacks.
+
+    ``score_cams``, when the harness provides it, scores the method's *current* ``cams()`` on
+    the cam-eval split against its pixel labels: CAM mIoU in percent at the best background
+    threshold of the evaluation sweep. Selecting a model with it is an **oracle** (pixel
+    supervision); a method using it must say so in its config and metrics."""
 
     device: torch.device
     seed: int
@@ -95,6 +100,7 @@ class StageContext:
     log_metric: Callable[[str, float, int], None] = lambda name, value, step: None
     progress: Callable[[int, int], None] = lambda done, total: None
     num_workers: int = 0
+    score_cams: Callable[[], float] | None = None
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from the trial seed (offset separates streams)."""
@@ -159,12 +165,25 @@ class Method(abc.ABC):
         """Dense-CRF parameters for the ``+CRF`` val protocol."""
         return CRFParams()
 
+    def crf_inputs(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What the ``+CRF`` val protocol refines for one image: ``probs`` (C + 1, H, W) float32
+        is the softmax of ``segment(..., multiscale=True)``. Returns ``(unary, classes)``:
+        ``unary`` (k, H, W), whose ``-log`` (after clipping to [1e-8, 1]) is the CRF unary,
+        and ``classes`` (k,) int64, the class index of each CRF label; the prediction is
+        ``classes[argmax_k marginals]``. Default: all classes, ``probs`` unchanged."""
+        return crf_inputs_all_classes(probs)
+
     def state_dict(self) -> dict[str, Any]:
         return {name: net.state_dict() for name, net in self.networks().items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, net in self.networks().items():
             net.load_state_dict(state[name])
+
+
+def crf_inputs_all_classes(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The default of :meth:`Method.crf_inputs`: every class, the probabilities as given."""
+    return probs, np.arange(probs.shape[0], dtype=np.int64)
 
 
 METHODS: dict[str, type[Method]] = {}
