@@ -292,7 +292,12 @@ def test_seg_augment_is_seeded():
 # -- pretrained checkpoint ---------------------------------------------------------------------
 
 
-def test_single_cls_token_checkpoint_expands_cls_and_position_embeddings(tmp_path: Path):
+@pytest.mark.parametrize("rule, mode, antialias", [
+    ("offset_bicubic", "bicubic", False),  # WeakTr's default: the authors' main.py resize (no antialias)
+    ("timm", "bicubic", True),  # timm's resize, as before
+    ("bilinear", "bilinear", False),  # the authors' Segmenter resize
+])
+def test_single_cls_token_checkpoint_expands_cls_and_position_embeddings(tmp_path: Path, rule, mode, antialias):
     # A DeiT-style checkpoint with the official parameter names, for vit_synth at a 4x4 grid.
     source = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, num_classes=7, img_size=32, patch_size=8, embed_dim=96, depth=4,
@@ -305,14 +310,15 @@ def test_single_cls_token_checkpoint_expands_cls_and_position_embeddings(tmp_pat
     path = tmp_path / "deit_like.pth"
     torch.save({"model": state}, path)
 
-    net = WeakTrCAMNet(num_classes=5, img_size=48, pretrained=str(path))  # 6x6 grid, 5 class tokens
+    net = WeakTrCAMNet(num_classes=5, img_size=48, pretrained=str(path), pos_resample=rule)  # 6x6 grid, 5 class tokens
     bb = net.backbone
     assert bb.cls_token.shape == (1, 5, 96) and bb.pos_embed.shape == (1, 5 + 36, 96)
     assert torch.equal(bb.cls_token, state["cls_token"].expand(1, 5, 96))
     assert torch.equal(bb.pos_embed[:, :5], state["pos_embed"][:, :1].expand(1, 5, 96))
     grid = state["pos_embed"][:, 1:].reshape(1, 4, 4, 96).permute(0, 3, 1, 2)
-    # bicubic as timm resamples it (antialias=True, which is PIL's a = -0.5 kernel when upsampling)
-    expected = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False, antialias=True)
+    # resized to the 6x6 size by the rule's load-time kernel (timm: antialias=True, which is
+    # PIL's a = -0.5 bicubic kernel even when upsampling; the authors' code: a = -0.75, no antialias)
+    expected = F.interpolate(grid, size=(6, 6), mode=mode, align_corners=False, antialias=antialias)
     expected = expected.permute(0, 2, 3, 1).reshape(1, 36, 96)
     torch.testing.assert_close(bb.pos_embed[:, 5:], expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(bb.blocks[2].attn.qkv.weight, state["blocks.2.attn.qkv.weight"])
@@ -422,3 +428,219 @@ def test_same_seed_gives_identical_cams_and_another_seed_differs(tmp_path: Path)
     first, second, other = run(0), run(0), run(1)
     assert torch.equal(first, second)
     assert not torch.equal(first, other)
+
+
+# -- issue 12: position-embedding rule, COCO pseudo-label CRF, oracle CAM epoch, "+CRF" input ----
+
+
+@pytest.fixture(scope="module")
+def zeroed_vit():
+    """deit_tiny at img 32, patch 16: native grid 2x2 whose patch positions hold [[0, 1], [2, 3]]
+    in every channel, class position 0, patch embedding zeroed, so a token is its position."""
+    from methods.common.vit import create_vit
+
+    vit = create_vit("deit_tiny", 32).eval()
+    with torch.no_grad():
+        vit.patch_embed.proj.weight.zero_()
+        vit.patch_embed.proj.bias.zero_()
+        vit.pos_embed.zero_()
+        vit.pos_embed[:, 1:] = torch.tensor([0.0, 1.0, 2.0, 3.0]).view(1, 4, 1)
+    return vit
+
+
+def _patch_positions(vit, rule: str, height: int, width: int) -> list[float]:
+    from methods.common.vit import embed
+
+    vit.pos_resample = rule  # what create_vit(pos_resample=rule) stores
+    with torch.no_grad():
+        tokens = embed(vit, torch.zeros(1, 3, height, width))
+    assert torch.equal(tokens[0, 1:], tokens[0, 1:, :1].expand_as(tokens[0, 1:]))  # every channel alike
+    return tokens[0, 1:, 0].tolist()
+
+
+def test_offset_bicubic_position_rule_matches_the_authors_minimal_case(zeroed_vit):
+    # Input 16x32 -> grid 1x2. scale = ((1 + 0.1) / 2, (2 + 0.1) / 2) = (0.55, 1.05); source
+    # coordinate (i + 0.5) / scale - 0.5: row 0.40909, columns -0.02381 and 0.92857. Bicubic
+    # (A = -0.75, borders replicated) on the separable value 2 * row + col:
+    #   row 0.40909 (t = 0.40909, taps 0,0,1,1): 1 - w(-1) - w(0) = 1 + 0.10713 - 0.70903 = 0.39810
+    #   col -0.02381 (t = 0.97619, taps 0,0,0,1): w(2) = 1 + 0.00041 - 0.01870 - 0.99874 = -0.01703
+    #   col 0.92857 (t = 0.92857, taps 0,0,1,1): 1 + 0.00355 - 0.06077 = 0.94278
+    # -> (2 * 0.39810 - 0.01703, 2 * 0.39810 + 0.94278) = (0.77918, 1.73899).
+    assert _patch_positions(zeroed_vit, "offset_bicubic", 16, 32) == pytest.approx([0.77918, 1.73899], abs=1e-4)
+    # timm: resized to 1x2 with antialiasing: the two rows averaged -> 2 * 0.5 + (0, 1) = (1, 2).
+    assert _patch_positions(zeroed_vit, "timm", 16, 32) == pytest.approx([1.0, 2.0], abs=1e-6)
+    # bilinear to 1x3 (16x48): row source 0.5 -> 1.0; columns (j + 0.5) * 2 / 3 - 0.5 =
+    # -0.1667 (clamped to 0), 0.5, 1.1667 (clamped to 1) -> 0, 0.5, 1 -> (1.0, 1.5, 2.0).
+    assert _patch_positions(zeroed_vit, "bilinear", 16, 48) == pytest.approx([1.0, 1.5, 2.0], abs=1e-6)
+    # the native grid is used as is by every rule (the code's early exit)
+    for rule in ("offset_bicubic", "timm", "bilinear"):
+        assert _patch_positions(zeroed_vit, rule, 32, 32) == pytest.approx([0.0, 1.0, 2.0, 3.0], abs=1e-6)
+
+
+def test_weaktr_uses_the_authors_position_rules_and_others_keep_timms():
+    from methods.common.vit import create_vit
+
+    method = WeakTr(_config(), _info(), torch.device("cpu"))
+    assert method.cam_net.backbone.pos_resample == "offset_bicubic"  # authors' models.py
+    assert method.segmenter.encoder.pos_resample == "bilinear"  # authors' segm/model/utils.py
+    method = WeakTr(_config(pos_resample="timm", seg_pos_resample="timm"), _info(), torch.device("cpu"))
+    assert method.cam_net.backbone.pos_resample == method.segmenter.encoder.pos_resample == "timm"
+    assert create_vit("vit_synth", 32).pos_resample == "timm"  # cam, afa, adcam, common_seg
+    with pytest.raises(ValueError, match="pos_resample must be one of"):
+        WeakTr(_config(pos_resample="nearest"), _info(), torch.device("cpu"))
+
+
+def test_pseudo_label_crf_kernels_are_config_fields(monkeypatch):
+    from methods.base import CRFParams
+    import methods.weaktr.method as weaktr_method
+
+    voc = WeakTr(_config(), _info(), torch.device("cpu")).pseudo_crf_params()
+    assert voc == CRFParams(4.0, 3.0, 83.0, 5.0, 3.0, 10)  # the code's VOC kernels
+    coco_values = dict(
+        pseudo_crf_gaussian_sxy=3.0, pseudo_crf_gaussian_compat=3.0, pseudo_crf_bilateral_sxy=50.0,
+        pseudo_crf_bilateral_srgb=5.0, pseudo_crf_bilateral_compat=10.0,
+    )
+    method = WeakTr(_config(**coco_values), _info(), torch.device("cpu"))
+    assert method.pseudo_crf_params() == CRFParams(3.0, 3.0, 50.0, 5.0, 10.0, 10)
+    seen = []
+    real = weaktr_method.dense_crf_labels
+    monkeypatch.setattr(weaktr_method, "dense_crf_labels", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    images, labels = torch.rand(1, 3, 8, 8), torch.tensor([[1.0, 0.0, 0.0]])
+    method.pseudo_masks(images, torch.rand(1, 3, 8, 8) * labels[:, :, None, None], labels)
+    assert seen == [CRFParams(3.0, 3.0, 50.0, 5.0, 10.0, 10)]
+    # With both kernels' compat 0 there is no pairwise term: mean field keeps softmax(-unary),
+    # whose argmax is each pixel's seed label (gt_prob 0.7 > 0.3), so even an isolated 2x2
+    # seed survives (the default kernels smooth it away).
+    image = np.zeros((24, 24, 3), dtype=np.uint8)
+    seed = np.zeros((24, 24), dtype=np.int64)
+    seed[:2, :2] = 3
+    plain = CRFParams(4.0, 0.0, 83.0, 5.0, 0.0, 10)
+    assert np.array_equal(refine_seed_crf(image, seed, np.array([0.0, 0.0, 1.0]), 0.7, plain), seed)
+
+
+def test_coco_suite_sets_the_authors_coco_pseudo_label_crf():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    coco = tomllib.loads((root / "coco.toml").read_text())["methods"]["weaktr"]
+    assert {k: coco[k] for k in coco if k.startswith("pseudo_crf_") and k != "pseudo_crf_gt_prob"} == {
+        "pseudo_crf_gaussian_sxy": 3.0, "pseudo_crf_gaussian_compat": 3.0, "pseudo_crf_bilateral_sxy": 50.0,
+        "pseudo_crf_bilateral_srgb": 5.0, "pseudo_crf_bilateral_compat": 10.0,
+    }
+    WeakTrConfig(**coco)  # every key is a config field
+    paper = tomllib.loads((root / "paper.toml").read_text())["methods"]["weaktr"]
+    assert paper["cam_epoch_selection"] == "oracle"  # the paper recipe; the fair suites keep "last"
+    for fair in ("voc", "coco", "voc-mini", "synthetic", "same-backbone"):
+        table = tomllib.loads((root / f"{fair}.toml").read_text()).get("methods", {}).get("weaktr", {})
+        assert table.get("cam_epoch_selection", "last") == "last", fair
+
+
+class _ScriptedScores:
+    """A StageContext.score_cams stand-in: returns the scripted scores in turn and keeps a copy
+    of the CAM network's state at each call."""
+
+    def __init__(self, method: WeakTr, scores: list[float]) -> None:
+        self.method, self.scores, self.states = method, list(scores), []
+
+    def __call__(self) -> float:
+        assert not self.method.cam_net.training  # scored in eval mode
+        self.states.append({k: v.clone() for k, v in self.method.cam_net.state_dict().items()})
+        return self.scores[len(self.states) - 1]
+
+
+@pytest.mark.parametrize("scores, expected_epoch", [([10.0, 30.0, 30.0], 2), ([5.0, 1.0, 7.0], 3)])
+def test_oracle_cam_epoch_selection_keeps_the_best_scoring_epoch(tmp_path: Path, scores, expected_epoch):
+    # 6 images, batch 3 -> 2 steps per epoch, 3 epochs: scored after steps 2, 4, 6; the first
+    # strict maximum wins (a tie keeps the earlier epoch, as the code's `>`).
+    source = TinySource()
+    method = WeakTr(_config(cam_epochs=3, cam_max_steps=0, cam_epoch_selection="oracle"), _info(), torch.device("cpu"))
+    logged = []
+    ctx = StageContext(device=torch.device("cpu"), seed=0, workdir=tmp_path, log_metric=lambda n, v, s: logged.append((n, v, s)))
+    # train_cam rebuilds the network, so the scorer reads method.cam_net at call time
+    ctx.score_cams = scorer = _ScriptedScores(method, scores)
+    method.train_cam(source, ctx)
+    assert len(scorer.states) == 3
+    final = method.cam_net.state_dict()
+    assert all(torch.equal(final[k], scorer.states[expected_epoch - 1][k]) for k in final)
+    assert [(n, v, s) for n, v, s in logged if n == "cam/epoch_miou"] == [("cam/epoch_miou", v, e + 1) for e, v in enumerate(scores)]
+    assert ("cam_selected_epoch", float(expected_epoch), 6) in logged
+    assert ("cam_selected_miou", max(scores), 6) in logged
+    assert not method.cam_net.training
+
+
+def test_last_epoch_selection_never_scores_and_oracle_needs_the_callback(tmp_path: Path):
+    def forbidden() -> float:
+        raise AssertionError("the default must not look at pixel labels")
+
+    method = WeakTr(_config(), _info(), torch.device("cpu"))
+    assert method.config.cam_epoch_selection == "last"
+    method.train_cam(TinySource(), StageContext(device=torch.device("cpu"), seed=0, workdir=tmp_path, score_cams=forbidden))
+    oracle = WeakTr(_config(cam_epoch_selection="oracle"), _info(), torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="StageContext.score_cams"):
+        oracle.train_cam(TinySource(), StageContext(device=torch.device("cpu"), seed=0, workdir=tmp_path))
+
+
+def test_runner_score_cams_scores_the_current_cams_on_cam_eval(tmp_path: Path):
+    from harness.config import load_suite, parse_overrides
+    from harness.runner import TrialRunner
+    from harness.sweep import plan_trials
+
+    tiny = ["dataset.num_train=8", "dataset.num_val=4", "dataset.image_size=48"]
+    spec = plan_trials(load_suite("synthetic"), ["weaktr"], [0], parse_overrides(tiny), None, tmp_path / "cache")[0]
+    runner = TrialRunner(spec, tmp_path / "results")
+
+    class ZeroCams:  # every pixel background at every threshold (a CAM must exceed t strictly)
+        def cams(self, images, labels):
+            return torch.zeros(images.shape[0], labels.shape[1], *images.shape[-2:])
+
+    runner._method = ZeroCams()
+    assert runner._context("train_cam").score_cams is not None
+    # Prediction all background: IoU(bg) = #GT bg pixels / #labelled pixels, IoU = 0 for every
+    # foreground class in GT (the "present" convention averages over classes in GT or prediction).
+    split = runner.split("cam_eval")
+    gt = np.concatenate([split[i].mask.ravel() for i in range(len(split))])
+    gt = gt[gt != 255]
+    expected = 100.0 * (gt == 0).mean() / len(np.unique(gt))
+    assert runner._score_cams() == pytest.approx(expected, abs=1e-6)
+
+
+def test_code_crf_input_is_the_unnormalised_prediction_over_its_classes():
+    from methods.weaktr.method import code_crf_inputs
+
+    # two pixels, three classes (normalised, as segment() returns them): argmax 0 and 2
+    probs = np.array([[0.5, 0.0], [0.3, 0.3], [0.2, 0.7]], dtype=np.float32).reshape(3, 1, 2)
+    unary, classes = code_crf_inputs(probs, 1.8)
+    assert classes.tolist() == [0, 2]
+    # 1.8 x rows 0 and 2: (0.9, 0) and (0.36, 1.26); the 0 clipped up to 1e-5 (unary_from_softmax)
+    np.testing.assert_allclose(unary.reshape(2, 2), [[0.9, 1e-5], [0.36, 1.26]], rtol=1e-6)
+    method = WeakTr(_config(), _info(), torch.device("cpu"))  # two_block with weight 0.8 -> 1.8
+    np.testing.assert_allclose(method.crf_inputs(probs)[0], unary)
+    one_block = WeakTr(_config(two_block=False), _info(), torch.device("cpu"))  # plain softmax: x 1
+    np.testing.assert_allclose(one_block.crf_inputs(probs)[0].reshape(2, 2), [[0.5, 1e-5], [0.2, 0.7]], rtol=1e-6)
+    harness_default = WeakTr(_config(crf_protocol="softmax"), _info(), torch.device("cpu"))
+    same, every = harness_default.crf_inputs(probs)
+    assert same is probs and every.tolist() == [0, 1, 2]
+
+
+def test_runner_crf_flush_maps_crf_labels_back_to_classes():
+    from types import SimpleNamespace
+
+    from harness.evaluation import SegmentationMetric
+    from harness.runner import TrialRunner
+    from methods.base import CRFParams
+    from methods.weaktr.method import code_crf_inputs
+
+    # No pairwise term (compat 0): the CRF keeps argmax(unary). Pixel 0 predicts class 0, pixel 1
+    # class 2; the CRF sees labels (0, 2) as indices (0, 1), so index 1 must map back to class 2.
+    probs = np.array([[0.5, 0.1], [0.3, 0.2], [0.2, 0.7]], dtype=np.float32).reshape(3, 1, 2)
+    image, target = np.zeros((1, 2, 3), dtype=np.uint8), np.array([[0, 2]], dtype=np.uint8)
+    flat = CRFParams(gaussian_compat=0.0, bilateral_compat=0.0)
+    for hook in ({"crf_inputs": lambda p: code_crf_inputs(p, 1.8)}, {}):  # WeakTr's, the default
+        segmenter = SimpleNamespace(crf_params=lambda: flat, **hook)
+        runner = SimpleNamespace(_segmenter=lambda: segmenter, eval={"crf_workers": 1})
+        metric = SegmentationMetric(num_classes=2)
+        images, all_probs, targets = [image], [probs], [target]
+        TrialRunner._crf_flush(runner, metric, images, all_probs, targets)
+        assert not images and not all_probs and not targets  # the buffers are emptied
+        confusion = metric.compute().confusion
+        assert confusion[0, 0] == 1 and confusion[2, 2] == 1 and confusion.sum() == 2

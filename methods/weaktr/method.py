@@ -12,6 +12,7 @@ Defaults are the fast synthetic recipe; the paper's values are in the ``[methods
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from methods.common.crf import dense_crf_labels
 from methods.common.training import (
     CropAugment, iterate_batches, normalize, poly_lr, seeded, set_lr, threshold_masks, warmup_cosine_lr,
 )
+from methods.common.vit import POS_RESAMPLE_RULES
 from methods.weaktr.aaf import AAF_PRIORS
 from methods.weaktr.augment import SegAugment, TimmCamAugment
 from methods.weaktr.cam import multiscale_cams, weaktr_loss
@@ -34,10 +36,13 @@ from methods.weaktr.gradient_clipping import check_patch_size, gradient_clipping
 from methods.weaktr.model import WeakTrCAMNet, resolve_pretrained
 from methods.weaktr.segmenter import Segmenter, segment_probs, transfer_backbone
 
-# Pseudo-label CRF of the authors' code (METHODS.md): Gaussian 4/3, bilateral 83/5/3, 10 iters.
+# Pseudo-label CRF of the authors' code for VOC (METHODS.md): Gaussian 4/3, bilateral 83/5/3, 10
+# iterations; their COCO run uses 3/3 and 50/5/10 (config fields pseudo_crf_*).
 PSEUDO_LABEL_CRF = CRFParams(
     gaussian_sxy=4.0, gaussian_compat=3.0, bilateral_sxy=83.0, bilateral_srgb=5.0, bilateral_compat=3.0, iterations=10
 )
+CAM_EPOCH_SELECTIONS = ("last", "oracle")
+CRF_PROTOCOLS = ("code", "softmax")
 
 
 @dataclass
@@ -62,16 +67,25 @@ class WeakTrConfig(MethodConfig):
     aaf_prior: str = "features"  # features (code) | attention_avg | attention_max | random_fixed
     aaf_hidden: int = 0  # FFN hidden size; 0 = maps // 8 (code: 9 for 72 maps; paper 18)
     aaf_feat_hidden: int = 8  # width of the per-head feature projection (code 8)
+    pos_resample: str = "offset_bicubic"  # position embeddings per input grid (code); "timm" | "bilinear"
+    cam_epoch_selection: str = "last"  # "oracle": keep the epoch with the best CAM mIoU on pixel labels (code)
     # -- CAM inference and pseudo labels ---------------------------------------------------
     cam_scales: tuple[float, ...] = (1.0, 1.2)  # VOC (1.0, 1.2), COCO (1.0, 0.8, 1.2)
     cam_flip: bool = True
     bg_threshold: float = 0.43  # VOC 0.43, COCO 0.42
     pseudo_crf: bool = True  # refine the thresholded seeds with the label-unary dense CRF
     pseudo_crf_gt_prob: float = 0.7
+    # pseudo-label CRF kernels (code: VOC 4/3 & 83/5/3; COCO 3/3 & 50/5/10), 10 iterations
+    pseudo_crf_gaussian_sxy: float = 4.0
+    pseudo_crf_gaussian_compat: float = 3.0
+    pseudo_crf_bilateral_sxy: float = 83.0
+    pseudo_crf_bilateral_srgb: float = 5.0
+    pseudo_crf_bilateral_compat: float = 3.0
     # -- stage 2: online retraining --------------------------------------------------------
     seg_arch: str = "vit_synth"  # paper: deit_small (or vit_small)
     seg_pretrained: str | None = None
     seg_init_from_cam: bool = True  # not in the paper: start the encoder from the CAM backbone
+    seg_pos_resample: str = "bilinear"  # Segmenter position embeddings (code: bilinear); "timm" | "offset_bicubic"
     seg_crop: int = 96  # paper 480
     seg_base_size: int = 0  # short side before the random rescale and at test (paper 520; 0 = native)
     seg_scale_range: tuple[float, float] = (0.5, 2.0)
@@ -107,6 +121,7 @@ class WeakTrConfig(MethodConfig):
     crf_bilateral_sxy: float = 83.0
     crf_bilateral_srgb: float = 5.0
     crf_bilateral_compat: float = 3.0
+    crf_protocol: str = "code"  # "code": predicted classes, un-normalised 0.8 p1 + p2; "softmax": harness default
     # -- numerics --------------------------------------------------------------------------
     bf16: bool = False  # bf16 autocast (CUDA) for training and inference
 
@@ -162,12 +177,19 @@ class WeakTr(Method):
             raise ValueError(f"seg_init_from_cam needs seg_arch == arch, got {cfg.seg_arch!r} vs {cfg.arch!r}")
         if cfg.stride <= 0 or cfg.stride > cfg.window:
             raise ValueError(f"sliding window stride must be in (0, window={cfg.window}], got {cfg.stride}")
+        for name in ("pos_resample", "seg_pos_resample"):
+            if getattr(cfg, name) not in POS_RESAMPLE_RULES:
+                raise ValueError(f"{name} must be one of {POS_RESAMPLE_RULES}, got {getattr(cfg, name)!r}")
+        if cfg.cam_epoch_selection not in CAM_EPOCH_SELECTIONS:
+            raise ValueError(f"cam_epoch_selection must be one of {CAM_EPOCH_SELECTIONS}, got {cfg.cam_epoch_selection!r}")
+        if cfg.crf_protocol not in CRF_PROTOCOLS:
+            raise ValueError(f"crf_protocol must be one of {CRF_PROTOCOLS}, got {cfg.crf_protocol!r}")
 
     def _build_cam_net(self) -> WeakTrCAMNet:
         cfg = self.config
         return WeakTrCAMNet(
             self.dataset.num_classes, cfg.arch, cfg.cam_crop, cfg.drop_path, cfg.pretrained, cfg.aaf,
-            cfg.aaf_prior, cfg.aaf_hidden, cfg.aaf_feat_hidden,
+            cfg.aaf_prior, cfg.aaf_hidden, cfg.aaf_feat_hidden, cfg.pos_resample,
         ).to(self.device)
 
     def _build_segmenter(self) -> Segmenter:
@@ -175,7 +197,7 @@ class WeakTr(Method):
         return Segmenter(
             self.dataset.num_classes + 1, cfg.seg_arch, cfg.seg_crop, cfg.seg_drop_path,
             resolve_pretrained(cfg.seg_pretrained, cfg.seg_arch), cfg.seg_decoder_depth, cfg.seg_decoder_dim,
-            cfg.seg_decoder_heads, cfg.seg_decoder_ffn, cfg.seg_dropout,
+            cfg.seg_decoder_heads, cfg.seg_decoder_ffn, cfg.seg_dropout, cfg.seg_pos_resample,
         ).to(self.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -195,9 +217,12 @@ class WeakTr(Method):
         lr = cfg.cam_lr * cfg.cam_batch_size / 512.0  # the code's linear scaling rule
         optimizer = torch.optim.AdamW(_param_groups(net, cfg.cam_weight_decay), lr=lr)
         gen = ctx.generator(1)
+        selector = _OracleEpochSelector(net, ctx) if cfg.cam_epoch_selection == "oracle" else None
         net.train()
         step = 0
+        epoch = 0
         while step < total:
+            epoch += 1
             for batch in iterate_batches(train, cfg.cam_batch_size, augment, gen):
                 set_lr(optimizer, warmup_cosine_lr(lr, step, total, cfg.cam_warmup_epochs * per_epoch, cfg.cam_min_lr))
                 images = batch.images.to(self.device)
@@ -216,6 +241,10 @@ class WeakTr(Method):
                 ctx.progress(step, total)
                 if step >= total:
                     break
+            if selector is not None:
+                selector.score_epoch(epoch)
+        if selector is not None:
+            selector.restore_best(epoch, step)
         net.eval()
 
     @torch.no_grad()
@@ -237,11 +266,21 @@ class WeakTr(Method):
         seeds = threshold_masks(cams.detach().float().cpu(), labels.cpu(), cfg.bg_threshold)
         if not cfg.pseudo_crf:
             return seeds.to(cams.device)
+        params = self.pseudo_crf_params()
         refined = [
-            refine_seed_crf(to_uint8_image(img), seed.numpy(), lab.numpy(), cfg.pseudo_crf_gt_prob)
+            refine_seed_crf(to_uint8_image(img), seed.numpy(), lab.numpy(), cfg.pseudo_crf_gt_prob, params)
             for img, seed, lab in zip(images.cpu(), seeds, labels.cpu())
         ]
         return torch.from_numpy(np.stack(refined)).to(cams.device)
+
+    def pseudo_crf_params(self) -> CRFParams:
+        """The pseudo-label CRF kernels of the config (``pseudo_crf_*``), 10 iterations."""
+        cfg = self.config
+        return CRFParams(
+            gaussian_sxy=cfg.pseudo_crf_gaussian_sxy, gaussian_compat=cfg.pseudo_crf_gaussian_compat,
+            bilateral_sxy=cfg.pseudo_crf_bilateral_sxy, bilateral_srgb=cfg.pseudo_crf_bilateral_srgb,
+            bilateral_compat=cfg.pseudo_crf_bilateral_compat, iterations=10,
+        )
 
     # -- stage 2 ----------------------------------------------------------------------------
     def train_seg(self, train: SampleSource, ctx: StageContext) -> None:
@@ -321,16 +360,79 @@ class WeakTr(Method):
             bilateral_compat=cfg.crf_bilateral_compat, iterations=10,
         )
 
+    def crf_inputs(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ``+CRF`` protocol's CRF input. ``crf_protocol="code"`` (the authors' ``miou.py`` /
+        ``make_crf.py``): see :func:`code_crf_inputs`; ``"softmax"``: the harness default (all
+        classes, normalised probabilities)."""
+        if self.config.crf_protocol == "softmax":
+            return super().crf_inputs(probs)
+        weight = self.config.two_block_weight if self.config.two_block else 0.0
+        return code_crf_inputs(probs, 1.0 + weight)
 
-def refine_seed_crf(image: np.ndarray, seed: np.ndarray, labels: np.ndarray, gt_prob: float = 0.7) -> np.ndarray:
+
+def code_crf_inputs(probs: np.ndarray, total: float) -> tuple[np.ndarray, np.ndarray]:
+    """WeakTr's "+CRF" input (authors' code): the un-normalised prediction ``0.8 p1 + p2``
+    restricted to the classes that win somewhere in its argmax, clipped to [1e-5, inf)
+    (``unary_from_softmax``'s lower clip; the CRF's own [., 1] clip then caps values above 1,
+    which the normalised input never reaches).
+
+    ``probs`` (K, H, W): the normalised prediction, summing to 1 per pixel (``segment`` divides
+    ``w p1 + p2`` by ``1 + w``); ``total`` = ``1 + w`` undoes it (1 without two blocks).
+    Returns (``unary`` (k, H, W) float32, ``classes`` (k,) int64 ascending)."""
+    classes = np.unique(probs.argmax(0)).astype(np.int64)
+    unary = np.clip(probs[classes] * total, 1e-5, None).astype(np.float32)
+    return unary, classes
+
+
+class _OracleEpochSelector:
+    """``cam_epoch_selection="oracle"`` (authors' ``main.py``): after every CAM epoch, score the
+    CAMs on the cam-eval split with pixel labels (``StageContext.score_cams``) and keep a copy
+    of the network whenever the score beats every earlier one strictly (a tie keeps the earlier
+    epoch); at the end the kept copy is restored. Logged as ``cam/epoch_miou`` per epoch and
+    ``cam_selected_epoch`` / ``cam_selected_miou`` at the end: an oracle model choice."""
+
+    def __init__(self, net: nn.Module, ctx: StageContext) -> None:
+        if ctx.score_cams is None:
+            raise RuntimeError(
+                "WeakTr: cam_epoch_selection='oracle' scores each epoch's CAMs with pixel labels, but this "
+                "harness gives no StageContext.score_cams; use cam_epoch_selection='last'"
+            )
+        self.net, self.ctx = net, ctx
+        self.best_score, self.best_epoch = float("-inf"), 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def score_epoch(self, epoch: int) -> None:
+        """Score the network as it is after ``epoch`` (1-based) and keep it if it is the best."""
+        self.net.eval()
+        score = float(self.ctx.score_cams())
+        self.net.train()
+        self.ctx.log_metric("cam/epoch_miou", score, epoch)
+        if score > self.best_score:
+            self.best_score, self.best_epoch = score, epoch
+            self.best_state = copy.deepcopy(self.net.state_dict())
+
+    def restore_best(self, last_epoch: int, step: int) -> None:
+        """Load the kept network; with no finite score at all (no pixel labels) keep the last."""
+        if self.best_state is None:
+            self.ctx.log_metric("cam_selected_epoch", float(last_epoch), step)
+            return
+        self.net.load_state_dict(self.best_state)
+        self.ctx.log_metric("cam_selected_epoch", float(self.best_epoch), step)
+        self.ctx.log_metric("cam_selected_miou", self.best_score, step)
+
+
+def refine_seed_crf(
+    image: np.ndarray, seed: np.ndarray, labels: np.ndarray, gt_prob: float = 0.7, params: CRFParams = PSEUDO_LABEL_CRF
+) -> np.ndarray:
     """Pseudo-label CRF (METHODS.md, code): the seed mask (H, W) in {0..C} as a label unary with
-    confidence ``gt_prob``, over background + the image's present classes only; Gaussian 4/3,
-    bilateral 83/5/3, 10 iterations. Returns (H, W) int64 in {0..C}."""
+    confidence ``gt_prob``, over background + the image's present classes only, with ``params``
+    (default the code's VOC kernels: Gaussian 4/3, bilateral 83/5/3, 10 iterations). Returns
+    (H, W) int64 in {0..C}."""
     present = np.concatenate([[0], np.flatnonzero(labels > 0) + 1])
     if len(present) == 1:
         return np.zeros_like(seed, dtype=np.int64)
     # Seeds hold only present classes (absent CAMs are zero); anything else would map to background.
     compact = np.zeros(len(labels) + 1, dtype=np.int64)
     compact[present] = np.arange(len(present))
-    refined = dense_crf_labels(image, compact[seed], len(present), PSEUDO_LABEL_CRF, gt_prob=gt_prob)
+    refined = dense_crf_labels(image, compact[seed], len(present), params, gt_prob=gt_prob)
     return present[refined].astype(np.int64)

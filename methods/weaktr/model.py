@@ -4,7 +4,9 @@ attention fusion (AAF or the mean-sum baseline) and the fine CAM.
 
 Pretrained weights: a local single-cls-token ViT/DeiT checkpoint (``pretrained=<path>``), whose
 cls token and its position embedding are repeated C times and whose patch position embeddings
-are resampled bicubically (``methods.common.vit.load_pretrained``); or ``pretrained="hub"``
+are resampled to the model's grid (``methods.common.vit.load_pretrained``; with the default
+``pos_resample="offset_bicubic"``: bicubic without antialiasing at load, and per input the
+authors' ``scale_factor = (h + 0.1) / h0`` rule); or ``pretrained="hub"``
 (``"hub:<timm model name>"``) to fetch the timm weights of the architecture when online.
 """
 
@@ -81,12 +83,13 @@ class WeakTrCAMNet(nn.Module):
         aaf_prior: str = "features",
         aaf_hidden: int = 0,
         aaf_feat_hidden: int = 8,
+        pos_resample: str = "offset_bicubic",
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.backbone = create_vit(
             arch, img_size, num_prefix_tokens=num_classes, drop_path_rate=drop_path,
-            pretrained=resolve_pretrained(pretrained, arch),
+            pretrained=resolve_pretrained(pretrained, arch), pos_resample=pos_resample,
         )
         if not pretrained:
             self._init_class_tokens()

@@ -86,16 +86,20 @@ class Segmenter(nn.Module):
 
     ``forward`` takes ImageNet-normalised images (any size: padded to the patch size and cropped
     back) and returns logits (B, num_classes, H, W) upsampled bilinearly, or one per decoder
-    block when ``all_blocks``."""
+    block when ``all_blocks``. ``pos_resample`` (``methods.common.vit``): the authors' Segmenter
+    resizes position embeddings bilinearly, without antialiasing (``"bilinear"``)."""
 
     def __init__(
         self, num_classes: int, arch: str = "vit_synth", img_size: int = 96, drop_path: float = 0.1,
         pretrained: str | None = None, decoder_depth: int = 2, decoder_dim: int = 0, decoder_heads: int = 0,
-        decoder_ffn: int = 0, dropout: float = 0.1,
+        decoder_ffn: int = 0, dropout: float = 0.1, pos_resample: str = "bilinear",
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.encoder = create_vit(arch, img_size, num_prefix_tokens=1, drop_path_rate=drop_path, pretrained=pretrained)
+        self.encoder = create_vit(
+            arch, img_size, num_prefix_tokens=1, drop_path_rate=drop_path, pretrained=pretrained,
+            pos_resample=pos_resample,
+        )
         enc_dim = self.encoder.embed_dim
         dim = decoder_dim or enc_dim
         heads = decoder_heads or self.encoder.blocks[0].attn.num_heads
