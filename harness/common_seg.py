@@ -201,32 +201,31 @@ class CommonSegmenter:
 
     # -- training ----------------------------------------------------------------------------
     def train(self, source: SampleSource, ctx: StageContext) -> None:
-        from methods.common.training import CropAugment, iterate_batches, set_lr, warmup_cosine_lr
+        from methods.common.data import batches_per_epoch
+        from methods.common.loop import ResumableLoop
+        from methods.common.training import CropAugment, set_lr, warmup_cosine_lr
 
         cfg = self.config
-        gen = ctx.generator(7)  # the same stream for every method at a given seed
         augment = CropAugment(cfg.crop, tuple(cfg.scale_range), flip=True)
         groups = self.net.param_groups()
         optimizer = torch.optim.AdamW(
             [{"params": groups["backbone"], "lr_scale": cfg.backbone_lr_scale}, {"params": groups["head"], "lr_scale": 1.0}],
             lr=cfg.lr, weight_decay=cfg.weight_decay)
-        per_epoch = max(1, len(source) // cfg.batch_size)
+        per_epoch = batches_per_epoch(len(source), cfg.batch_size)
         total = max(1, per_epoch * cfg.epochs)
-        step = 0
         self.net.train()
-        for epoch in range(cfg.epochs):
-            loss = None
-            for batch in iterate_batches(source, cfg.batch_size, augment, gen, with_masks=True):
-                set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, total, cfg.warmup_epochs * per_epoch))
-                logits = self.net(batch.images.to(self.device))
-                loss = F.cross_entropy(logits, batch.masks.to(self.device), ignore_index=255)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                ctx.progress(step, total)
-            if loss is not None:
-                ctx.log_metric("common_seg_loss", float(loss.item()), epoch)
+        loop = ResumableLoop(ctx, "common_seg", {"net": self.net}, {"optimizer": optimizer}, total)
+        # ctx.stream_seed(7): the same stream for every method at a given seed
+        for step, batch in loop.batches(source, cfg.batch_size, augment, ctx.stream_seed(7), with_masks=True):
+            set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, total, cfg.warmup_epochs * per_epoch))
+            logits = self.net(batch.images.to(self.device))
+            loss = F.cross_entropy(logits, batch.masks.to(self.device), ignore_index=255)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ctx.progress(step + 1, total)
+            if (step + 1) % per_epoch == 0:
+                ctx.log_metric("common_seg_loss", loss.detach(), step // per_epoch)
         self.net.eval()
 
     # -- inference ---------------------------------------------------------------------------

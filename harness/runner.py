@@ -7,6 +7,7 @@ driven only through :class:`methods.base.Method`.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from harness.common_seg import CommonSegConfig, CommonSegmenter, common_seg_conf
 from harness.config import TrialSpec, build_method_config
 from harness.datasets import create_dataset
 from harness.datasets.base import Dataset, Split
+from harness.errors import ConfigError
 from harness.evaluation import CamThresholdSweep, SegmentationMetric
 from harness.profiling import count_macs, count_params, measure
 from harness.trial import STAGES, StageRecord, TrialDir
@@ -39,6 +41,27 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _env_number(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"Environment variable {name}={value!r}: expected a number >= 0.") from None
+    if number < 0:
+        raise ConfigError(f"Environment variable {name}={value!r}: expected a number >= 0.")
+    return number
+
+
+def loader_workers(device: torch.device) -> int:
+    """DataLoader worker processes per training loop: ``$WSSS_LOADER_WORKERS``, else on CUDA
+    the trial's threads (``--cpus-per-trial``) minus one for the training thread (at least
+    1), else 0 (CPU training keeps every core busy itself)."""
+    default = max(1, torch.get_num_threads() - 1) if device.type == "cuda" else 0
+    return int(_env_number("WSSS_LOADER_WORKERS", default))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -175,7 +198,13 @@ class TrialRunner:
         def report(done: int, total: int) -> None:
             self.progress(stage, done, total)
 
-        return StageContext(self.device, self.spec.seed, self.dir.workdir(stage), self.log_metric, report, score_cams=self._score_cams)
+        return StageContext(
+            self.device, self.spec.seed, self.dir.workdir(stage), self.log_metric, report,
+            num_workers=loader_workers(self.device),
+            checkpoint_every_steps=int(_env_number("WSSS_CHECKPOINT_STEPS", 0)),
+            checkpoint_every_s=_env_number("WSSS_CHECKPOINT_S", 600.0),
+            score_cams=self._score_cams,
+        )
 
     def _score_cams(self) -> float:
         """``StageContext.score_cams``: CAM mIoU (%) of the method's current ``cams()`` on the

@@ -97,14 +97,22 @@ class StageContext:
     device: torch.device
     seed: int
     workdir: Path
-    log_metric: Callable[[str, float, int], None] = lambda name, value, step: None
+    # (name, value, step); value may be a 0-d tensor: it is converted off the training thread,
+    # so logging a CUDA loss does not synchronise the device every step.
+    log_metric: Callable[[str, "float | torch.Tensor", int], None] = lambda name, value, step: None
     progress: Callable[[int, int], None] = lambda done, total: None
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes of the stage's training loops
+    checkpoint_every_steps: int = 0  # mid-stage checkpoint every N steps (0: by time only)
+    checkpoint_every_s: float = 600.0  # ... or every M seconds (0: by steps only)
     score_cams: Callable[[], float] | None = None
 
+    def stream_seed(self, offset: int = 0) -> int:
+        """An integer seed derived from the trial seed (offset separates streams)."""
+        return self.seed * 1000 + offset
+
     def generator(self, offset: int = 0) -> torch.Generator:
-        """A CPU generator seeded from the trial seed (offset separates streams)."""
-        return torch.Generator().manual_seed(self.seed * 1000 + offset)
+        """A CPU generator seeded with :meth:`stream_seed`."""
+        return torch.Generator().manual_seed(self.stream_seed(offset))
 
 
 @dataclass

@@ -281,7 +281,7 @@ def test_pseudo_label_crf_keeps_only_background_and_present_classes():
 
 
 def test_seg_augment_is_seeded():
-    image, mask = torch.rand(3, 40, 50), torch.randint(0, 3, (40, 50))
+    image, mask = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8), torch.randint(0, 3, (40, 50), dtype=torch.uint8)
     aug = SegAugment(crop=32)
     a = aug(image, mask, torch.Generator().manual_seed(3))
     b = aug(image, mask, torch.Generator().manual_seed(3))

@@ -45,10 +45,11 @@ from methods.base import (
     to_uint8_image,
 )
 from methods.common.crf import dense_crf_labels
+from methods.common.data import batches_per_epoch
 from methods.common.deeplab import SEG_ARCHS, DeepLabV2
+from methods.common.loop import ResumableLoop
 from methods.common.training import (
     CropAugment,
-    iterate_batches,
     mask_absent,
     max_normalize,
     normalize,
@@ -207,28 +208,24 @@ class ADCAM(Method):
             self.cam_net = self._build_cam_net().to(self.device)
         optimizer = self._cam_optimizer()
         augment = CropAugment(cfg.crop, cfg.scale_range)
-        gen = ctx.generator(1)
-        per_epoch = max(1, len(train) // cfg.batch_size)  # iterate_batches drops the last partial batch
-        total = cfg.epochs * per_epoch
-        step = 0
+        total = cfg.epochs * batches_per_epoch(len(train), cfg.batch_size)
         self.cam_net.train()
         with seeded(ctx.seed + 1, self.device):
-            for _ in range(cfg.epochs):
-                for batch in iterate_batches(train, cfg.batch_size, augment, gen):
-                    self._set_cam_lr(optimizer, step, total)
-                    images = normalize(batch.images.to(self.device))
-                    labels = batch.labels.to(self.device)
-                    cnn_logits, trans_logits = self.cam_net(images)
-                    loss_cnn = F.binary_cross_entropy_with_logits(cnn_logits, labels)
-                    loss_trans = F.binary_cross_entropy_with_logits(trans_logits, labels)
-                    loss = loss_cnn + loss_trans
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    step += 1
-                    ctx.log_metric("train_cam/loss_cnn", loss_cnn.item(), step)
-                    ctx.log_metric("train_cam/loss_transformer", loss_trans.item(), step)
-                    ctx.progress(step, total)
+            loop = ResumableLoop(ctx, "cam", {"cam_net": self.cam_net}, {"optimizer": optimizer}, total)
+            for step, batch in loop.batches(train, cfg.batch_size, augment, ctx.stream_seed(1)):
+                self._set_cam_lr(optimizer, step, total)
+                images = normalize(batch.images.to(self.device))
+                labels = batch.labels.to(self.device)
+                cnn_logits, trans_logits = self.cam_net(images)
+                loss_cnn = F.binary_cross_entropy_with_logits(cnn_logits, labels)
+                loss_trans = F.binary_cross_entropy_with_logits(trans_logits, labels)
+                loss = loss_cnn + loss_trans
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                ctx.log_metric("train_cam/loss_cnn", loss_cnn.detach(), step + 1)
+                ctx.log_metric("train_cam/loss_transformer", loss_trans.detach(), step + 1)
+                ctx.progress(step + 1, total)
         self.cam_net.eval()
 
     # -- stage 2 ------------------------------------------------------------------------------
@@ -330,27 +327,22 @@ class ADCAM(Method):
             self.segmenter.freeze_bn()
         optimizer = self._seg_optimizer()
         augment = CropAugment(cfg.seg_crop, cfg.seg_scale_range)
-        gen = ctx.generator(2)
-        step = 0
         with seeded(ctx.seed + 3, self.device):
-            while step < cfg.seg_iterations:
-                for batch in iterate_batches(train, cfg.seg_batch_size, augment, gen, with_masks=True):
-                    if step >= cfg.seg_iterations:
-                        break
-                    self.segmenter.train()
-                    if cfg.seg_freeze_bn:
-                        self.segmenter.freeze_bn()
-                    lr = poly_lr(cfg.seg_lr, step, cfg.seg_iterations, cfg.seg_poly_power)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * group["lr_scale"]
-                    logits = self.segmenter(normalize(batch.images.to(self.device)))
-                    loss = F.cross_entropy(logits, batch.masks.to(self.device), ignore_index=IGNORE_INDEX)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    step += 1
-                    ctx.log_metric("train_seg/loss", loss.item(), step)
-                    ctx.progress(step, cfg.seg_iterations)
+            loop = ResumableLoop(ctx, "seg", {"segmenter": self.segmenter}, {"optimizer": optimizer}, cfg.seg_iterations)
+            for step, batch in loop.batches(train, cfg.seg_batch_size, augment, ctx.stream_seed(2), with_masks=True):
+                self.segmenter.train()
+                if cfg.seg_freeze_bn:
+                    self.segmenter.freeze_bn()
+                lr = poly_lr(cfg.seg_lr, step, cfg.seg_iterations, cfg.seg_poly_power)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+                logits = self.segmenter(normalize(batch.images.to(self.device)))
+                loss = F.cross_entropy(logits, batch.masks.to(self.device), ignore_index=IGNORE_INDEX)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                ctx.log_metric("train_seg/loss", loss.detach(), step + 1)
+                ctx.progress(step + 1, cfg.seg_iterations)
         self.segmenter.eval()
 
     # -- stage 5 ------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from methods.afa.losses import affinity_loss, balanced_seg_loss, classification_
 from methods.afa.model import AFANet
 from methods.afa.par import PAR
 from methods.base import CRFParams, DatasetInfo, Method, MethodConfig, SampleSource, StageContext, register
-from methods.common.training import CropAugment, iterate_batches, mask_absent, normalize, resize_to, seeded, set_lr
+from methods.common.loop import ResumableLoop
+from methods.common.training import CropAugment, mask_absent, normalize, resize_to, seeded, set_lr
 
 
 @dataclass
@@ -201,7 +202,6 @@ class AFA(Method):
         cfg = self.config
         if len(train) == 0:
             raise ValueError("afa: empty training split")
-        gen = ctx.generator(1)
         augment = CropAugment(cfg.crop, tuple(cfg.scale_range), flip=True)
         optimizer = build_optimizer(self.net, cfg)
         # Initial weights, drop-path and dropout draw from the global RNG: seed it from the
@@ -210,21 +210,17 @@ class AFA(Method):
         with seeded(int(torch.randint(0, 2**62, (1,), generator=ctx.generator(2))), self.device):
             self.net.load_state_dict(self._build_net().state_dict())
             self.net.train()
-            step = 0
-            while step < cfg.iterations:
-                for batch in iterate_batches(train, cfg.batch_size, augment, gen):
-                    if step >= cfg.iterations:
-                        break
-                    set_lr(optimizer, cfg.lr * warmup_poly_factor(step, cfg.iterations, cfg.warmup_iters, cfg.warmup_ratio, cfg.poly_power))
-                    losses = self.training_step(batch.images, batch.labels, batch.valid, step)
-                    optimizer.zero_grad(set_to_none=True)
-                    losses["loss"].backward()
-                    optimizer.step()
-                    step += 1
-                    ctx.progress(step, cfg.iterations)
-                    if step % max(1, cfg.log_every) == 0 or step == cfg.iterations:
-                        for key, value in losses.items():
-                            ctx.log_metric(f"train_{key}", float(value.detach()), step)
+            loop = ResumableLoop(ctx, "train", {"net": self.net}, {"optimizer": optimizer}, cfg.iterations)
+            for step, batch in loop.batches(train, cfg.batch_size, augment, ctx.stream_seed(1)):
+                set_lr(optimizer, cfg.lr * warmup_poly_factor(step, cfg.iterations, cfg.warmup_iters, cfg.warmup_ratio, cfg.poly_power))
+                losses = self.training_step(batch.images, batch.labels, batch.valid, step)
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                optimizer.step()
+                ctx.progress(step + 1, cfg.iterations)
+                if (step + 1) % max(1, cfg.log_every) == 0 or step + 1 == cfg.iterations:
+                    for key, value in losses.items():
+                        ctx.log_metric(f"train_{key}", value.detach(), step + 1)
         self.net.eval()
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, step: int) -> dict[str, torch.Tensor]:

@@ -18,9 +18,10 @@ from torch import nn
 from methods.base import CRFParams, DatasetInfo, Method, MethodConfig, SampleSource, StageContext, register, to_uint8_image
 from methods.cam.model import ViTCamClassifier, ViTLinearSegmenter, resize_to_patch_multiple
 from methods.common.crf import dense_crf_labels
+from methods.common.data import batches_per_epoch
+from methods.common.loop import ResumableLoop
 from methods.common.training import (
     CropAugment,
-    iterate_batches,
     mask_absent,
     max_normalize,
     resize_to,
@@ -54,21 +55,23 @@ class CamConfig(MethodConfig):
     test_scales: tuple[float, ...] = (0.75, 1.0, 1.25)
 
 
-def _train_loop(net: nn.Module, optimizer: torch.optim.Optimizer, batches_per_epoch: int, epochs: int, warmup_epochs: int, base_lr: float, batches, loss_fn, ctx: StageContext, tag: str) -> None:
-    """A seeded epoch loop with warm-up + cosine lr, reporting progress and the loss."""
-    total = max(1, batches_per_epoch * epochs)
-    step = 0
+def _train_loop(net: nn.Module, optimizer: torch.optim.Optimizer, source: SampleSource, batch_size: int, augment: CropAugment,
+                with_masks: bool, epochs: int, warmup_epochs: int, base_lr: float, loss_fn, ctx: StageContext, tag: str, stream: int) -> None:
+    """A seeded, resumable epoch loop with warm-up + cosine lr, reporting progress and the
+    loss of each epoch's last batch."""
+    per_epoch = batches_per_epoch(len(source), batch_size)
+    total = max(1, per_epoch * epochs)
+    loop = ResumableLoop(ctx, tag, {"net": net}, {"optimizer": optimizer}, total)
     net.train()
-    for epoch in range(epochs):
-        for batch in batches(epoch):
-            set_lr(optimizer, warmup_cosine_lr(base_lr, step, total, warmup_epochs * batches_per_epoch))
-            loss = loss_fn(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            ctx.progress(step, total)
-        ctx.log_metric(f"{tag}_loss", loss.item(), epoch)
+    for step, batch in loop.batches(source, batch_size, augment, ctx.stream_seed(stream), with_masks):
+        set_lr(optimizer, warmup_cosine_lr(base_lr, step, total, warmup_epochs * per_epoch))
+        loss = loss_fn(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ctx.progress(step + 1, total)
+        if (step + 1) % per_epoch == 0:
+            ctx.log_metric(f"{tag}_loss", loss.item(), step // per_epoch)
     net.eval()
 
 
@@ -95,17 +98,14 @@ class CamBaseline(Method):
     # -- stage 1 -----------------------------------------------------------------------------
     def train_cam(self, train: SampleSource, ctx: StageContext) -> None:
         cfg = self.config
-        gen = ctx.generator(1)
         augment = CropAugment(cfg.crop, tuple(cfg.scale_range), flip=True)
         optimizer = torch.optim.AdamW(self.classifier.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        per_epoch = max(1, len(train) // cfg.batch_size)
 
         def loss_fn(batch) -> torch.Tensor:
             logits = self.classifier(batch.images.to(self.device))
             return F.multilabel_soft_margin_loss(logits, batch.labels.to(self.device))
 
-        _train_loop(self.classifier, optimizer, per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.lr,
-                    lambda epoch: iterate_batches(train, cfg.batch_size, augment, gen), loss_fn, ctx, "cls")
+        _train_loop(self.classifier, optimizer, train, cfg.batch_size, augment, False, cfg.epochs, cfg.warmup_epochs, cfg.lr, loss_fn, ctx, "cls", 1)
 
     # -- stage 2 -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -138,17 +138,14 @@ class CamBaseline(Method):
     # -- stage 4 -----------------------------------------------------------------------------
     def train_seg(self, train: SampleSource, ctx: StageContext) -> None:
         cfg = self.config
-        gen = ctx.generator(2)
         augment = CropAugment(cfg.seg_crop, tuple(cfg.scale_range), flip=True)
         optimizer = torch.optim.AdamW(self.segmenter.parameters(), lr=cfg.seg_lr, weight_decay=cfg.weight_decay)
-        per_epoch = max(1, len(train) // cfg.seg_batch_size)
 
         def loss_fn(batch) -> torch.Tensor:
             logits = self.segmenter(batch.images.to(self.device))
             return F.cross_entropy(logits, batch.masks.to(self.device), ignore_index=255)
 
-        _train_loop(self.segmenter, optimizer, per_epoch, cfg.seg_epochs, 1, cfg.seg_lr,
-                    lambda epoch: iterate_batches(train, cfg.seg_batch_size, augment, gen, with_masks=True), loss_fn, ctx, "seg")
+        _train_loop(self.segmenter, optimizer, train, cfg.seg_batch_size, augment, True, cfg.seg_epochs, 1, cfg.seg_lr, loss_fn, ctx, "seg", 2)
 
     # -- stage 5 -----------------------------------------------------------------------------
     @torch.no_grad()

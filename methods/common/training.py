@@ -1,4 +1,4 @@
-"""Training utilities shared by the methods: seeded augmentation, batch iteration,
+"""Training utilities shared by the methods: seeded augmentation (uint8 until the crop),
 learning-rate schedules, normalisation and CAM post-processing helpers.
 
 Everything here draws randomness from an explicit ``torch.Generator`` so the same trial
@@ -12,11 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from methods.base import IGNORE_INDEX, SampleSource, to_tensor_image
+from methods.base import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,12 +38,56 @@ def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tor
     return (images - m) / s
 
 
+def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (align_corners=False, no antialias) of a uint8 (3, H, W) image to
+    ``size``, staying in uint8 (torch's channels-last uint8 kernel: no float round trip)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    x = image[None].contiguous(memory_format=torch.channels_last)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0].contiguous()
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a uint8 (H, W) label mask to ``size``."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask[None, None], size=size, mode="nearest")[0, 0]
+
+
+def pad_to(image: torch.Tensor, mask: torch.Tensor | None, crop: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Pad (bottom / right) a uint8 (3, H, W) image with 0 and its mask with 255 to at least
+    ``crop`` x ``crop``; also returns ``valid`` (H', W') bool, False on the padding."""
+    h, w = image.shape[-2:]
+    ph, pw = max(0, crop - h), max(0, crop - w)
+    valid = torch.ones(h, w, dtype=torch.bool)
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph), value=0)
+        valid = F.pad(valid, (0, pw, 0, ph), value=False)
+        if mask is not None:
+            mask = F.pad(mask, (0, pw, 0, ph), value=IGNORE_INDEX)
+    return image, mask, valid
+
+
+def random_window(shape: tuple[int, int], crop: int, gen: torch.Generator) -> tuple[slice, slice]:
+    """A uniformly drawn ``crop`` x ``crop`` window inside an (H, W) >= crop area."""
+    H, W = shape
+    top = int(torch.randint(0, H - crop + 1, (), generator=gen))
+    left = int(torch.randint(0, W - crop + 1, (), generator=gen))
+    return slice(top, top + crop), slice(left, left + crop)
+
+
+def to_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) -> float32 in [0, 1]: the one conversion of the data path."""
+    return image.float().div_(255.0)
+
+
 @dataclass
 class CropAugment:
     """Random rescale, crop (pad with ``fill``), horizontal flip: the common WSSS recipe.
 
     ``scale_range`` multiplies the image's size; ``crop`` is the square output side. Masks
-    are resized with nearest neighbour and padded with 255 (ignored).
+    are resized with nearest neighbour and padded with 255 (ignored). Works on uint8 until
+    the crop is cut (see ``methods/common/data.py`` for the augment contract).
     """
 
     crop: int
@@ -54,72 +97,22 @@ class CropAugment:
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor | None, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """image (3, H, W) in [0, 1], mask (H, W) int64 or None ->
-        (crop image, crop mask, valid (crop, crop) bool: pixels inside the image)."""
+        """image (3, H, W) uint8, mask (H, W) uint8 or None ->
+        (crop image float in [0, 1], crop mask, valid (crop, crop) bool: pixels inside the image)."""
         lo, hi = self.scale_range
         scale = lo + (hi - lo) * torch.rand((), generator=gen).item()
         h, w = image.shape[1:]
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-        if mask is not None:
-            mask = F.interpolate(mask[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
-        ph, pw = max(0, self.crop - nh), max(0, self.crop - nw)
-        valid = torch.ones(nh, nw, dtype=torch.bool)
-        if ph or pw:
-            image = F.pad(image, (0, pw, 0, ph), value=0.0)
-            valid = F.pad(valid, (0, pw, 0, ph), value=False)
-            if mask is not None:
-                mask = F.pad(mask, (0, pw, 0, ph), value=IGNORE_INDEX)
-        H, W = image.shape[1:]
-        top = int(torch.randint(0, H - self.crop + 1, (), generator=gen))
-        left = int(torch.randint(0, W - self.crop + 1, (), generator=gen))
-        sl = (slice(top, top + self.crop), slice(left, left + self.crop))
-        image, valid = image[:, sl[0], sl[1]], valid[sl]
-        mask = mask[sl] if mask is not None else None
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        image = resize_uint8(image, size)
+        mask = resize_mask(mask, size) if mask is not None else None
+        image, mask, valid = pad_to(image, mask, self.crop)
+        rows, cols = random_window(tuple(image.shape[1:]), self.crop, gen)
+        image, valid = image[:, rows, cols], valid[rows, cols]
+        mask = mask[rows, cols] if mask is not None else None
         if self.flip and torch.rand((), generator=gen).item() < 0.5:
             image, valid = image.flip(-1), valid.flip(-1)
             mask = mask.flip(-1) if mask is not None else None
-        return image, mask, valid
-
-
-@dataclass
-class Batch:
-    images: torch.Tensor  # (B, 3, crop, crop) in [0, 1]
-    labels: torch.Tensor  # (B, C) multi-hot
-    masks: torch.Tensor | None  # (B, crop, crop) int64, 255 = ignore / padding
-    valid: torch.Tensor  # (B, crop, crop) bool, False on padding
-    indices: list[int]
-
-
-def iterate_batches(
-    source: SampleSource,
-    batch_size: int,
-    augment: CropAugment,
-    gen: torch.Generator,
-    with_masks: bool = False,
-    drop_last: bool = True,
-) -> Iterator[Batch]:
-    """One epoch over ``source`` in a seeded random order, augmented."""
-    order = torch.randperm(len(source), generator=gen).tolist()
-    stop = len(order) - (len(order) % batch_size if drop_last and len(order) >= batch_size else 0)
-    for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
-        imgs, masks, valids, labels = [], [], [], []
-        for i in idx:
-            sample = source[i]
-            mask = torch.from_numpy(sample.mask.astype(np.int64)) if with_masks and sample.mask is not None else None
-            img, mask, valid = augment(to_tensor_image(sample.image), mask, gen)
-            imgs.append(img)
-            masks.append(mask)
-            valids.append(valid)
-            labels.append(torch.from_numpy(np.asarray(sample.labels, dtype=np.float32)))
-        yield Batch(
-            images=torch.stack(imgs),
-            labels=torch.stack(labels),
-            masks=torch.stack(masks) if with_masks else None,
-            valid=torch.stack(valids),
-            indices=idx,
-        )
+        return to_float(image), mask, valid
 
 
 def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9, min_lr: float = 0.0) -> float:

@@ -1,7 +1,6 @@
-"""Training augmentations of the two WeakTr stages, seeded from the stage's torch generator
-(same seed -> same crops). Both are drop-in ``augment`` callables for
-``methods.common.training.iterate_batches``: ``(image (3, H, W) in [0, 1], mask | None, gen)
--> (image, mask, valid)``.
+"""Training augmentations of the two WeakTr stages, seeded from the sample's torch generator
+(same seed -> same crops). Both are ``augment`` callables of ``methods/common/data.py``:
+``(image (3, H, W) uint8, mask | None, gen) -> (image float, mask, valid)``.
 """
 
 from __future__ import annotations
@@ -11,10 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from methods.base import IGNORE_INDEX, to_uint8_image
-from methods.common.training import IMAGENET_MEAN, IMAGENET_STD, CropAugment
+from methods.base import IGNORE_INDEX
+from methods.common.training import IMAGENET_MEAN, IMAGENET_STD, pad_to, random_window, resize_mask, resize_uint8, to_float
 
 
 def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
@@ -25,27 +23,32 @@ def _coin(gen: torch.Generator, p: float = 0.5) -> bool:
     return float(torch.rand((), generator=gen)) < p
 
 
+_GREY = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+
+
 def photometric_distortion(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """mmseg-style PhotoMetricDistortion on (3, H, W) in [0, 1]: random brightness (+-32/255),
     contrast (x 0.5-1.5, before or after saturation) and saturation (x 0.5-1.5, as a blend with
-    the grey image), each with probability 0.5. The hue jitter of mmseg is left out."""
+    the grey image), each with probability 0.5. The hue jitter of mmseg is left out.
+    Works in place on ``image`` (the caller's own float copy) and returns it."""
     if _coin(gen):
-        image = image + _uniform(gen, -32 / 255, 32 / 255)
+        image.add_(_uniform(gen, -32 / 255, 32 / 255))
     contrast_first = _coin(gen)
     alpha_c = _uniform(gen, 0.5, 1.5) if _coin(gen) else None
     if contrast_first and alpha_c is not None:
-        image = image * alpha_c
+        image.mul_(alpha_c)
     if _coin(gen):
-        grey = (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
-        image = grey + _uniform(gen, 0.5, 1.5) * (image - grey)
+        grey = (image * _GREY).sum(0, keepdim=True)
+        saturation = _uniform(gen, 0.5, 1.5)
+        image.mul_(saturation).add_(grey, alpha=1.0 - saturation)  # grey + s * (image - grey)
     if not contrast_first and alpha_c is not None:
-        image = image * alpha_c
-    return image.clamp(0.0, 1.0)
+        image.mul_(alpha_c)
+    return image.clamp_(0.0, 1.0)
 
 
 def _dominant_ratio(mask: torch.Tensor) -> tuple[float, int]:
-    """(largest class share, number of classes) over the non-ignored pixels of a crop."""
-    counts = torch.bincount(mask[mask != IGNORE_INDEX].flatten())
+    """(largest class share, number of classes) over the non-ignored pixels of a uint8 crop."""
+    counts = torch.bincount(mask.flatten(), minlength=IGNORE_INDEX + 1)[:IGNORE_INDEX]
     counts = counts[counts > 0]
     if counts.numel() == 0:
         return 1.0, 0
@@ -54,41 +57,44 @@ def _dominant_ratio(mask: torch.Tensor) -> tuple[float, int]:
 
 @dataclass
 class SegAugment:
-    """Retraining augmentation (METHODS.md Stage 2 recipe): resize so the short side is
-    ``base_size`` (0 keeps the native size), random rescale by ``scale_range``, random crop
-    (pad 255) retried up to 10 times while one class covers more than ``cat_max_ratio`` of it,
-    horizontal flip, photometric distortion. A retry also redraws the scale (mmseg keeps it)."""
+    """Retraining augmentation (METHODS.md Stage 2 recipe, the mmseg pipeline of the authors'
+    config): resize so the short side is ``base_size`` (0 keeps the native size), random
+    rescale by ``scale_range``, random crop (pad 255) whose window is redrawn up to 10 times
+    while one class covers ``cat_max_ratio`` or more of it (the rescale is drawn once, as mmseg
+    does), horizontal flip, photometric distortion. uint8 until the crop is cut."""
 
     crop: int
     base_size: int = 0
     scale_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     photometric: bool = True
-    _crop: CropAugment = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._crop = CropAugment(self.crop, tuple(self.scale_range))
 
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor | None, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        if self.base_size:
-            h, w = image.shape[-2:]
-            s = self.base_size / min(h, w)
-            size = (max(1, round(h * s)), max(1, round(w * s)))
-            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-            if mask is not None:
-                mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        h, w = image.shape[-2:]
+        base = self.base_size / min(h, w) if self.base_size else 1.0
+        scale = base * _uniform(gen, *self.scale_range)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        image = resize_uint8(image, size)
+        mask = resize_mask(mask, size) if mask is not None else None
+        image, mask, valid = pad_to(image, mask, self.crop)
         for _ in range(10):
-            out_img, out_mask, valid = self._crop(image, mask, gen)
-            if out_mask is None or self.cat_max_ratio >= 1.0:
+            rows, cols = random_window(tuple(image.shape[1:]), self.crop, gen)
+            if mask is None or self.cat_max_ratio >= 1.0:
                 break
-            ratio, n = _dominant_ratio(out_mask)
+            ratio, n = _dominant_ratio(mask[rows, cols])
             if n > 1 and ratio < self.cat_max_ratio:
                 break
+        out_img, valid = image[:, rows, cols], valid[rows, cols]
+        out_mask = mask[rows, cols] if mask is not None else None
+        if _coin(gen):
+            out_img, valid = out_img.flip(-1), valid.flip(-1)
+            out_mask = out_mask.flip(-1) if out_mask is not None else None
+        out = to_float(out_img)
         if self.photometric:
-            out_img = photometric_distortion(out_img, gen)
-        return out_img, out_mask, valid
+            out = photometric_distortion(out, gen)
+        return out, out_mask, valid
 
 
 @dataclass
@@ -119,7 +125,7 @@ class TimmCamAugment:
         from PIL import Image
 
         seed = int(torch.randint(0, 2**62, (), generator=gen))
-        pil = Image.fromarray(np.ascontiguousarray(to_uint8_image(image)))
+        pil = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
         state = random.getstate()
         try:
             random.seed(seed)

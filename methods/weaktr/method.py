@@ -25,8 +25,10 @@ from methods.base import (
     CRFParams, DatasetInfo, IGNORE_INDEX, Method, MethodConfig, SampleSource, StageContext, register, to_uint8_image,
 )
 from methods.common.crf import dense_crf_labels
+from methods.common.data import batches_per_epoch
+from methods.common.loop import ResumableLoop
 from methods.common.training import (
-    CropAugment, iterate_batches, normalize, poly_lr, seeded, set_lr, threshold_masks, warmup_cosine_lr,
+    CropAugment, normalize, poly_lr, seeded, set_lr, threshold_masks, warmup_cosine_lr,
 )
 from methods.common.vit import POS_RESAMPLE_RULES
 from methods.weaktr.aaf import AAF_PRIORS
@@ -144,7 +146,7 @@ def _steps(n_samples: int, batch: int, epochs: int, max_steps: int) -> tuple[int
     """(steps per epoch with drop_last, total steps capped by ``max_steps``)."""
     if n_samples == 0:
         raise ValueError("WeakTr: the training split is empty")
-    per_epoch = max(1, n_samples // batch)
+    per_epoch = batches_per_epoch(n_samples, batch)
     total = per_epoch * epochs
     return per_epoch, min(total, max_steps) if max_steps > 0 else total
 
@@ -216,35 +218,29 @@ class WeakTr(Method):
         per_epoch, total = _steps(len(train), cfg.cam_batch_size, cfg.cam_epochs, cfg.cam_max_steps)
         lr = cfg.cam_lr * cfg.cam_batch_size / 512.0  # the code's linear scaling rule
         optimizer = torch.optim.AdamW(_param_groups(net, cfg.cam_weight_decay), lr=lr)
-        gen = ctx.generator(1)
         selector = _OracleEpochSelector(net, ctx) if cfg.cam_epoch_selection == "oracle" else None
+        state = {"cam_net": net} | ({"oracle": selector} if selector is not None else {})
         net.train()
-        step = 0
-        epoch = 0
-        while step < total:
-            epoch += 1
-            for batch in iterate_batches(train, cfg.cam_batch_size, augment, gen):
-                set_lr(optimizer, warmup_cosine_lr(lr, step, total, cfg.cam_warmup_epochs * per_epoch, cfg.cam_min_lr))
-                images = batch.images.to(self.device)
-                images = images if timm_aug else normalize(images)
-                labels = batch.labels.to(self.device)
-                with self._autocast():
-                    out = net(images)
-                loss, parts = weaktr_loss(out.cls_logits, out.coarse_logits, out.fine_logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                ctx.log_metric("cam/loss", float(loss.detach()), step)
-                for key, value in parts.items():
-                    ctx.log_metric(f"cam/loss_{key}", value, step)
-                ctx.progress(step, total)
-                if step >= total:
-                    break
-            if selector is not None:
-                selector.score_epoch(epoch)
+        loop = ResumableLoop(ctx, "cam", state, {"optimizer": optimizer}, total)
+        for step, batch in loop.batches(train, cfg.cam_batch_size, augment, ctx.stream_seed(1)):
+            set_lr(optimizer, warmup_cosine_lr(lr, step, total, cfg.cam_warmup_epochs * per_epoch, cfg.cam_min_lr))
+            images = batch.images.to(self.device)
+            images = images if timm_aug else normalize(images)
+            labels = batch.labels.to(self.device)
+            with self._autocast():
+                out = net(images)
+            loss, parts = weaktr_loss(out.cls_logits, out.coarse_logits, out.fine_logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ctx.log_metric("cam/loss", loss.detach(), step + 1)
+            for key, value in parts.items():
+                ctx.log_metric(f"cam/loss_{key}", value, step + 1)
+            ctx.progress(step + 1, total)
+            if selector is not None and ((step + 1) % per_epoch == 0 or step + 1 == total):
+                selector.score_epoch(step // per_epoch + 1)
         if selector is not None:
-            selector.restore_best(epoch, step)
+            selector.restore_best(-(-total // per_epoch), total)
         net.eval()
 
     @torch.no_grad()
@@ -300,30 +296,25 @@ class WeakTr(Method):
         groups += _param_groups(net.decoder, cfg.seg_weight_decay, 1.0)
         optimizer = torch.optim.SGD(groups, lr=cfg.seg_lr, momentum=cfg.seg_momentum, nesterov=True)
         _, total = _steps(len(train), cfg.seg_batch_size, cfg.seg_epochs, cfg.seg_max_steps)
-        gen = ctx.generator(2)
         net.train()
-        step = 0
-        while step < total:
-            for batch in iterate_batches(train, cfg.seg_batch_size, augment, gen, with_masks=True):
-                set_lr(optimizer, poly_lr(cfg.seg_lr, step, total, 0.9, cfg.seg_min_lr))
-                images = normalize(batch.images.to(self.device))
-                masks = batch.masks.to(self.device)
-                with self._autocast():
-                    logits = net(images)
-                if cfg.grad_clip:
-                    result = gradient_clipping_loss(logits, masks, cfg.tau, cfg.clip_patch)
-                    loss = result.loss
-                    ctx.log_metric("seg/clipped_fraction", result.clipped_fraction, step + 1)
-                else:
-                    loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                ctx.log_metric("seg/loss", float(loss.detach()), step)
-                ctx.progress(step, total)
-                if step >= total:
-                    break
+        loop = ResumableLoop(ctx, "seg", {"segmenter": net}, {"optimizer": optimizer}, total)
+        for step, batch in loop.batches(train, cfg.seg_batch_size, augment, ctx.stream_seed(2), with_masks=True):
+            set_lr(optimizer, poly_lr(cfg.seg_lr, step, total, 0.9, cfg.seg_min_lr))
+            images = normalize(batch.images.to(self.device))
+            masks = batch.masks.to(self.device)
+            with self._autocast():
+                logits = net(images)
+            if cfg.grad_clip:
+                result = gradient_clipping_loss(logits, masks, cfg.tau, cfg.clip_patch)
+                loss = result.loss
+                ctx.log_metric("seg/clipped_fraction", result.clipped_fraction, step + 1)
+            else:
+                loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ctx.log_metric("seg/loss", loss.detach(), step + 1)
+            ctx.progress(step + 1, total)
         net.eval()
 
     @torch.no_grad()
@@ -410,6 +401,14 @@ class _OracleEpochSelector:
         if score > self.best_score:
             self.best_score, self.best_epoch = score, epoch
             self.best_state = copy.deepcopy(self.net.state_dict())
+
+    def state_dict(self) -> dict[str, object]:
+        """What a mid-stage checkpoint keeps of the selection (see ``ResumableLoop``)."""
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.best_score, self.best_epoch = float(state["best_score"]), int(state["best_epoch"])
+        self.best_state = state["best_state"]
 
     def restore_best(self, last_epoch: int, step: int) -> None:
         """Load the kept network; with no finite score at all (no pixel labels) keep the last."""

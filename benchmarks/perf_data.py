@@ -1,0 +1,95 @@
+"""Training-loader throughput per method recipe (not a test).
+
+For each training loop of the paper recipes in ``benchmarks/voc.toml`` (crop sizes, rescale
+ranges, augmentation), reads the real VOC files of ``../shared/data/voc-mini`` (train split,
+JPEG decoding included; its GT masks stand in for pseudo masks where a loop reads masks)
+through :func:`methods.common.data.training_batches` with 0, 1 and 2 DataLoader workers,
+and prints images per second and the loading hours each paper recipe would need at that rate
+(samples drawn = epochs x 10,582 train_aug images, or iterations x batch).
+
+    python benchmarks/perf_data.py
+    python benchmarks/perf_data.py --workers 0 2 --images 200 --json data.json
+
+On a machine with fewer cores than workers + 1 the worker rows measure contention, not the
+loader; the core count is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from harness.datasets import create_dataset  # noqa: E402
+from methods.common.data import training_batches  # noqa: E402
+from methods.common.training import CropAugment  # noqa: E402
+from methods.weaktr.augment import SegAugment, TimmCamAugment  # noqa: E402
+
+TRAIN_AUG = 10_582
+
+
+def recipes(suite: dict) -> dict[str, tuple[object, int, bool, int]]:
+    """name -> (augment, batch size, reads masks, samples the paper recipe draws)."""
+    m = suite["methods"]
+    w, a, d, c = m["weaktr"], m["afa"], m["adcam"], m["cam"]
+    return {
+        "weaktr cam (timm 224)": (TimmCamAugment(w["cam_crop"]), w["cam_batch_size"], False, w["cam_epochs"] * TRAIN_AUG),
+        "weaktr retrain (480, cat_max_ratio)": (
+            SegAugment(w["seg_crop"], w["seg_base_size"], tuple(w["seg_scale_range"]), w["seg_cat_max_ratio"], True),
+            w["seg_batch_size"], True, w["seg_epochs"] * TRAIN_AUG),
+        "afa (512)": (CropAugment(a["crop"], tuple(a["scale_range"])), a["batch_size"], False, a["iterations"] * a["batch_size"]),
+        "adcam cam (384)": (CropAugment(d["crop"], tuple(d["scale_range"])), d["batch_size"], False, d["epochs"] * TRAIN_AUG),
+        "adcam deeplab (321)": (CropAugment(d["seg_crop"], tuple(d["seg_scale_range"])), d["seg_batch_size"], True,
+                                d["seg_iterations"] * d["seg_batch_size"]),
+        "cam (224)": (CropAugment(c["crop"], tuple(c["scale_range"])), c["batch_size"], False, c["epochs"] * TRAIN_AUG),
+    }
+
+
+def images_per_second(split, augment, batch: int, masks: bool, workers: int, images: int) -> float:
+    steps = max(2, images // batch)
+    loader = training_batches(split, batch, augment, seed=0, total_steps=steps + 1, with_masks=masks, num_workers=workers)
+    next(loader)  # worker start-up and the first batch are not throughput
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "voc-mini" / "VOC2012")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--images", type=int, default=256, help="images timed per loader and worker count")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"perf_data: {args.data} not found (the voc-mini files); pass --data VOC2012-folder")
+    torch.set_num_threads(1)  # the training thread's share; workers get one thread each
+    dataset = create_dataset("voc", args.data, Path(os.environ.get("TMPDIR", "/tmp")) / "wsss-perf-cache", {})
+    split = dataset.split("train")
+    suite = tomllib.loads((ROOT / "benchmarks" / "voc.toml").read_text())
+    rows = []
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {len(split)} voc-mini train images")
+    print(f"{'loop':38s} {'workers':>7s} {'img/s':>8s} {'paper recipe: samples':>22s} {'loading h':>10s}")
+    for name, (augment, batch, masks, samples) in recipes(suite).items():
+        for workers in args.workers:
+            rate = images_per_second(split, augment, batch, masks, workers, args.images)
+            hours = samples / rate / 3600
+            rows.append({"loop": name, "workers": workers, "img_per_s": round(rate, 1), "samples": samples, "loading_hours": round(hours, 2)})
+            print(f"{name:38s} {workers:7d} {rate:8.1f} {samples:22,d} {hours:10.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The training data path (methods/common/data.py) and mid-stage checkpoints (loop.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from methods.base import Sample, StageContext
+from methods.common.data import batches_per_epoch, epoch_order, training_batches
+from methods.common.loop import ResumableLoop
+from methods.common.training import CropAugment
+from methods.weaktr.augment import SegAugment
+
+
+class ListSource:
+    """Random images of varying size with masks: what a real split hands a loader."""
+
+    def __init__(self, n: int = 10, classes: int = 3, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.samples = []
+        for i in range(n):
+            h, w = 20 + 3 * (i % 4), 24 + 2 * (i % 3)
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            mask = rng.integers(0, classes + 1, (h, w)).astype(np.uint8)
+            labels = np.zeros(classes, np.float32)
+            labels[i % classes] = 1
+            self.samples.append(Sample(f"s{i}", image, labels, mask))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]
+
+
+def _all(source, workers: int, start: int = 0, total: int = 7, augment=None):
+    augment = augment or CropAugment(16, (0.7, 1.3))
+    return list(training_batches(source, 3, augment, seed=5, total_steps=total, start_step=start, with_masks=True, num_workers=workers))
+
+
+def test_batches_do_not_depend_on_the_number_of_workers():
+    source = ListSource()
+    serial, parallel = _all(source, 0), _all(source, 2)
+    assert [s for s, _ in serial] == list(range(7))
+    for (s0, a), (s1, b) in zip(serial, parallel, strict=True):
+        assert s0 == s1 and a.indices == b.indices
+        assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks) and torch.equal(a.valid, b.valid)
+        assert torch.equal(a.labels, b.labels)
+
+
+def test_a_resumed_loader_continues_with_the_same_batches():
+    source = ListSource()
+    full, resumed = _all(source, 0), _all(source, 0, start=4)
+    assert [s for s, _ in resumed] == [4, 5, 6]
+    for (_, a), (_, b) in zip(full[4:], resumed, strict=True):
+        assert a.indices == b.indices and torch.equal(a.images, b.images)
+
+
+def test_epochs_and_their_orders():
+    # 10 samples, batch 3, drop_last: 3 batches per epoch; step 3 starts epoch 1.
+    assert batches_per_epoch(10, 3) == 3 and batches_per_epoch(10, 3, drop_last=False) == 4
+    assert batches_per_epoch(2, 3) == 1  # fewer samples than a batch: one partial batch
+    batches = _all(ListSource(), 0, total=4)
+    order0, order1 = epoch_order(10, 5, 0), epoch_order(10, 5, 1)
+    assert sorted(order0) == list(range(10)) and order0 != order1
+    assert [b.indices for _, b in batches] == [order0[0:3], order0[3:6], order0[6:9], order1[0:3]]
+
+
+def test_crop_augment_pads_uint8_input_and_marks_the_padding():
+    # A 2 x 3 image of value 255 with scale fixed at 1 into a 4 x 4 crop: the image sits in
+    # the top-left 2 x 3 corner (the only window), or its mirror after a flip; the rest is
+    # 0 in the image, 255 in the mask and False in `valid`.
+    image = torch.full((3, 2, 3), 255, dtype=torch.uint8)
+    mask = torch.ones(2, 3, dtype=torch.uint8)
+    out, out_mask, valid = CropAugment(4, (1.0, 1.0), flip=False)(image, mask, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and out.shape == (3, 4, 4)
+    expected_valid = torch.zeros(4, 4, dtype=torch.bool)
+    expected_valid[:2, :3] = True
+    assert torch.equal(valid, expected_valid)
+    assert torch.equal(out[0], expected_valid.float())  # 255 -> 1.0 inside, 0 outside
+    assert torch.equal(out_mask, torch.where(expected_valid, 1, 255))
+
+
+def test_seg_augment_retries_only_the_crop_window():
+    # Left half class 1, right half class 2 (8 x 8, crop 4, scale fixed at 1): a window is
+    # accepted when no class covers >= 75 % of it, i.e. it straddles the middle column by at
+    # least one column on each side. The scale is drawn once (mmseg), so every accepted crop
+    # comes from the unscaled image.
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    mask = torch.ones(8, 8, dtype=torch.uint8)
+    mask[:, 4:] = 2
+    augment = SegAugment(crop=4, scale_range=(1.0, 1.0), cat_max_ratio=0.75, photometric=False)
+    for seed in range(20):
+        _, out_mask, _ = augment(image, mask, torch.Generator().manual_seed(seed))
+        share = (out_mask == 1).float().mean().item()
+        assert 0.25 <= share <= 0.5 or share == 0.75 or share == 0.5, share
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = nn.Dropout(0.3)  # draws from the global RNG: restored on resume
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.drop(self.conv(x).mean((2, 3))))
+
+
+def _train(tmp_path, stop_at: int | None, every_steps: int = 2) -> dict[str, torch.Tensor]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    net = TinyNet()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    ctx = StageContext(torch.device("cpu"), 0, tmp_path, checkpoint_every_steps=every_steps, checkpoint_every_s=0)
+    loop = ResumableLoop(ctx, "tiny", {"net": net}, {"optimizer": optimizer}, total_steps=9)
+    for step, batch in loop.batches(ListSource(), 3, CropAugment(16), seed=1):
+        loss = nn.functional.multilabel_soft_margin_loss(net(batch.images), batch.labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if stop_at is not None and step + 1 == stop_at:
+            raise KeyboardInterrupt  # killed inside the step after `stop_at` finished steps
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("stop_at", [1, 4, 5, 8])
+def test_a_loop_killed_mid_stage_resumes_bit_identically(tmp_path, stop_at):
+    reference = _train(tmp_path / "ref", None)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "run", stop_at)
+    # Checkpoints are written between steps, every 2: killed inside step `stop_at` - 1, the
+    # last one holds the largest even step count below `stop_at`; the rerun redoes the rest.
+    expected = (stop_at - 1) // 2 * 2
+    path = tmp_path / "run" / "tiny.pt"
+    assert (torch.load(path, weights_only=True)["step"] if path.exists() else 0) == expected
+    resumed = _train(tmp_path / "run", None)
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
+    assert not (tmp_path / "run" / "tiny.pt").exists()  # removed once the loop completed
