@@ -211,6 +211,21 @@ def test_coco_converted_cache_checks_the_images(coco, tmp_path):
         dataset.check_split("val")
 
 
+def test_coco_cache_converted_at_a_wrong_size_is_named(coco, tmp_path):
+    """A cache written before sizes were checked (masks at a swapped JSON size): the check
+    names the cached mask, the image, both sizes and the folder to delete."""
+    dataset = create_dataset("coco", coco, tmp_path, {})
+    dataset.split("val")
+    directory = dataset.cache_directory("val")
+    mask = directory / "masks" / "000000471345.png"  # the image is 640 x 480
+    Image.fromarray(np.zeros((640, 480), np.uint8)).save(mask)  # as rasterised at 480 x 640
+    image = coco / "images" / "val2017" / "000000471345.jpg"
+    with pytest.raises(DataError) as error:
+        dataset.check_split("val")
+    assert f"Cached mask {mask} is 480 x 640 but the image file {image} is 640 x 480" in str(error.value)
+    assert f"delete {directory}" in str(error.value)
+
+
 def trial_ids(out: str) -> list[tuple[str, str]]:
     return TRIAL_ID.findall(out)
 

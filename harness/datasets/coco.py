@@ -284,8 +284,9 @@ class COCODataset(Dataset):
         the masks are converted, the cached index's files are checked instead of re-parsing
         the JSON (hundreds of MB for the full train set)."""
         annotations, images = locate_split(self.root, name, self.options["year"])
+        directory = self.cache_directory(name)
         try:
-            files = json.loads((self.cache_directory(name) / "index.json").read_text())["files"]
+            files = json.loads((directory / "index.json").read_text())["files"]
         except (OSError, ValueError, KeyError, TypeError):
             files = None
         problems: list[str] = []
@@ -298,11 +299,23 @@ class COCODataset(Dataset):
         else:
             for sample_id, file_name in files.items():
                 try:
-                    image_header(images / file_name)
+                    self._check_cached(images / file_name, directory / "masks" / f"{sample_id}.png", annotations)
                 except DataError as err:
                     problems.append(f"image {sample_id}: {err}")
         if problems:
             raise DataError(summarise_problems(problems, f"coco split {name} ({annotations})"))
+
+    @staticmethod
+    def _check_cached(image: Path, mask: Path, annotations: Path) -> None:
+        """One converted image: the image file reads and its cached mask has its size (a cache
+        converted before sizes were checked may hold masks at a wrong JSON size)."""
+        width, height, _ = image_header(image)
+        mask_width, mask_height, _ = image_header(mask, "Cached mask")
+        if (mask_width, mask_height) != (width, height):
+            raise DataError(
+                f"Cached mask {mask} is {mask_width} x {mask_height} but the image file {image} is {width} x {height}: "
+                f"its entry in {annotations} gives the wrong width / height. Fix the JSON, then delete {mask.parent.parent}."
+            )
 
     def _read(self, sample_id: str, images: Path, masks: Path, files: dict[str, str]) -> Sample:
         image = read_image(images / files[sample_id])
