@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) a sweep of trials")
-    run.add_argument("--methods", required=True, help="comma-separated method names (see `wsss-bench list`)")
+    run.add_argument("--methods", help="comma-separated method names (see `wsss-bench list`; default: the suite's `methods`)")
     run.add_argument("--dataset", help="dataset name; uses the suite of the same name when one exists")
     run.add_argument("--suite", help="suite name (benchmarks/<name>.toml) or path to a suite file")
     run.add_argument("--data-root", help="dataset root directory (overrides the suite's)")
@@ -152,7 +152,8 @@ def _split_list(text: str | None, what: str) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    from harness.config import default_suite, load_suite, parse_overrides
+    from harness.config import default_suite, expand_data_root, load_suite, parse_overrides
+    from harness.datasets.preflight import preflight
     from harness.report import suite_references, write_report
     from harness.sweep import plan_trials, sweep_key
     from harness.tracking import Tracker
@@ -162,7 +163,9 @@ def cmd_run(args) -> int:
     suite = load_suite(args.suite) if args.suite else default_suite(args.dataset)
     if args.suite and args.dataset and args.dataset != suite.dataset:
         raise ConfigError(f"--dataset {args.dataset} contradicts suite {suite.name!r}, whose dataset is {suite.dataset!r}.")
-    methods = _split_list(args.methods, "methods")
+    methods = _split_list(args.methods, "methods") if args.methods is not None else list(suite.methods)
+    if not methods:
+        raise ConfigError(f"Pass --methods NAME,...: suite {suite.name!r} lists no default methods.")
     try:
         seeds = [int(s) for s in _split_list(args.seeds, "seeds")] if args.seeds else None
     except ValueError:
@@ -172,7 +175,9 @@ def cmd_run(args) -> int:
 
     options = BackendOptions.from_args(args)  # bad backend options fail before anything runs
     overrides = parse_overrides(args.overrides)
-    specs = plan_trials(suite, methods, seeds, overrides, args.data_root, results / "cache")
+    specs = plan_trials(suite, methods, seeds, overrides, expand_data_root(args.data_root), results / "cache")
+    # Before anything is recorded: canonical data root, split fallbacks, cheap data checks.
+    specs = preflight(specs, results / "cache", notice=lambda text: console.print(f"[yellow]{escape(text)}", soft_wrap=True))
     uri = _tracking_uri(args, results)
     tracker = Tracker(uri, suite.name)
 
@@ -186,7 +191,7 @@ def cmd_run(args) -> int:
         console.print(table)
         return 0
 
-    parent = tracker.sweep_run(sweep_key(specs), f"wsss-bench run --methods {args.methods} ({suite.name})")
+    parent = tracker.sweep_run(sweep_key(specs), f"wsss-bench run --methods {','.join(methods)} ({suite.name})")
     console.print(f"[bold]Suite[/] {suite.name}: {len(specs)} trial(s) -> {results}  (MLflow: {uri}; backend: {options.backend})")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False) as progress:
         sweep_task = progress.add_task("[bold]trials", total=len(specs))

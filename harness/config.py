@@ -95,8 +95,7 @@ def _suite_from_dict(raw: dict[str, Any], path: Path) -> Suite:
     dataset_table = dict(raw.get("dataset", {}))
     data_root = dataset_table.pop("root", None)
     if data_root is not None:
-        root = Path(data_root).expanduser()
-        data_root = str(root if root.is_absolute() else (path.parent / root).resolve())
+        data_root = expand_data_root(str(data_root), path.parent)
     suite = Suite(
         name=head.get("name", path.stem),
         dataset=head["dataset"],
@@ -112,6 +111,17 @@ def _suite_from_dict(raw: dict[str, Any], path: Path) -> Suite:
         path=str(path),
     )
     return suite
+
+
+def expand_data_root(text: str | None, base: Path | None = None) -> str | None:
+    """A data root as the user wrote it -> an absolute path; the one place where ``~`` is
+    expanded (``--data-root=~/x`` reaches us unexpanded; so does a suite's ``root``).
+    Relative paths are taken from ``base`` (a suite file's folder), else the working
+    directory. ``None`` stays ``None``. The dataset later resolves it to its canonical root."""
+    if text is None:
+        return None
+    root = Path(text).expanduser()
+    return str((root if root.is_absolute() else (base or Path.cwd()) / root).resolve())
 
 
 def default_suite(dataset: str) -> Suite:

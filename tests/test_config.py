@@ -89,3 +89,23 @@ def test_every_shipped_suite_loads_and_plans(tmp_path):
         registry = load_all()
         for method, values in suite.method_params.items():
             build_method_config(registry[method].Config, values, f"{name} [methods.{method}]")
+
+
+def test_data_root_is_expanded_once_where_it_enters(tmp_path, monkeypatch):
+    """``--data-root=~/x`` reaches us unexpanded (the shell leaves ``~`` after ``=``): it
+    becomes $HOME/x, never <cwd>/~/x; relative roots are taken from the working directory,
+    a suite's from its file's folder."""
+    from harness.config import expand_data_root
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert expand_data_root(None) is None
+    assert expand_data_root("~/data/VOC2012") == str(tmp_path / "home" / "data" / "VOC2012")
+    assert expand_data_root("data/VOC2012") == str(tmp_path / "data" / "VOC2012")
+    assert expand_data_root("data", tmp_path / "benchmarks") == str(tmp_path / "benchmarks" / "data")
+    suite = tmp_path / "suites" / "s.toml"
+    suite.parent.mkdir()
+    suite.write_text('[suite]\ndataset = "voc"\n[dataset]\nroot = "~/VOC2012"\n')
+    assert load_suite(str(suite)).data_root == str(tmp_path / "home" / "VOC2012")
+    suite.write_text('[suite]\ndataset = "voc"\n[dataset]\nroot = "../VOC2012"\n')
+    assert load_suite(str(suite)).data_root == str(tmp_path / "VOC2012")

@@ -223,6 +223,21 @@ def test_voc_root_variants(voc_root: Path, tmp_path: Path) -> None:
         assert create_dataset("voc", root, tmp_path, {}).voc_root.resolve() == voc_root.resolve()
 
 
+def test_voc_canonical_root_keeps_cls_labels_above_voc2012(voc_root: Path, tmp_path: Path) -> None:
+    """The trial records the VOC2012 folder whichever spelling was passed; a cls_labels.npy
+    next to VOCdevkit/ (beside a spelled root) is still found from there."""
+    data = tmp_path / "data"
+    (data / "VOCdevkit").mkdir(parents=True)
+    (data / "VOCdevkit" / "VOC2012").symlink_to(voc_root)
+    first = (voc_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[0]
+    np.save(data / "cls_labels.npy", {first: one_hot("dog")})  # type: ignore[arg-type]
+    spelled = create_dataset("voc", data, tmp_path, {})
+    assert spelled.canonical_root() == str(voc_root.resolve())
+    canonical = create_dataset("voc", data / "VOCdevkit" / "VOC2012", tmp_path, {})
+    for dataset in (spelled, canonical):
+        assert np.array_equal(dataset.split("train")[0].labels, one_hot("dog"))
+
+
 def make_voc(voc_root: Path, target: Path, ids: list[str]) -> Path:
     """A small writable VOC2012 copy holding ``ids`` in train and val."""
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
@@ -314,6 +329,7 @@ def test_voc_bad_files_name_the_file(small_voc: tuple[Path, list[str]], tmp_path
     with pytest.raises(DataError, match=detail) as error:
         split[1]
     assert str(culprit) in str(error.value)
+    assert str(error.value).startswith(f"voc split train, image {ids[1]}: "), "a trial's failure line names the image"
 
 
 def test_voc_bad_layout(small_voc: tuple[Path, list[str]], tmp_path: Path) -> None:
@@ -469,8 +485,11 @@ def test_coco_bad_inputs(tmp_path: Path) -> None:
         create_dataset("coco", tmp_path, tmp_path, {})
     make_coco(tmp_path / "coco")
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "coco" / "images" / "val2017" / "a.png")
-    with pytest.raises(DataError, match="its image is"):
-        create_dataset("coco", tmp_path / "coco", tmp_path / "cache", {}).split("val")[0]
+    # The JSON says a.png is 20 x 16; the file is 10 x 10: refused before any mask is
+    # rasterised at the JSON's size (the entry, the file and both sizes are named).
+    with pytest.raises(DataError, match=r"image id 1 \('a.png'\) says width 20 x height 16, .*a.png is 10 x 10"):
+        create_dataset("coco", tmp_path / "coco", tmp_path / "cache", {}).split("val")
+    Image.fromarray(np.zeros((16, 20, 3), np.uint8)).save(tmp_path / "coco" / "images" / "val2017" / "a.png")
     path = tmp_path / "coco" / "annotations" / "instances_val2017.json"
     data = json.loads(path.read_text())
     data["annotations"][0]["category_id"] = 12

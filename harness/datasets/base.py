@@ -49,11 +49,19 @@ class Split:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> Sample:
-        return self._reader(self.ids[i])
+        return self._read(self.ids[i])
 
     def __iter__(self) -> Iterator[Sample]:
         for sample_id in self.ids:
-            yield self._reader(sample_id)
+            yield self._read(sample_id)
+
+    def _read(self, sample_id: str) -> Sample:
+        """The reader's sample; a DataError is prefixed with the split and image id, so a
+        trial's one-line failure names both the image and its file."""
+        try:
+            return self._reader(sample_id)
+        except DataError as err:
+            raise DataError(f"{self.dataset} split {self.name}, image {sample_id}: {err}") from err
 
     def __repr__(self) -> str:
         return f"Split({self.dataset}/{self.name}, {len(self)} samples)"
@@ -74,6 +82,42 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"Cannot decode image {path}: {err}. The file is corrupt or not an image.") from err
 
 
+MASK_MODES = ("P", "L", "I", "I;16")
+"""PIL modes a mask of class indices may have (palette or grayscale, never colour)."""
+
+
+def summarise_problems(problems: list[str], where: str, limit: int = 5) -> str:
+    """One paragraph for a pre-flight failure: where, how many problems, the first few."""
+    shown = " ".join(f"({i + 1}) {p.rstrip('.')}." for i, p in enumerate(problems[:limit]))
+    more = f" ... and {len(problems) - limit} more." if len(problems) > limit else ""
+    return f"Data check of {where} found {len(problems)} problem(s): {shown}{more}"
+
+
+def image_header(path: Path, what: str = "Image") -> tuple[int, int, str]:
+    """(width, height, mode) of an image file from its header alone (no pixel decoding, about
+    0.1 ms per file), for the pre-flight check. DataError naming the file when it is missing,
+    empty, not an image, or a JPEG without its end-of-image marker (a truncated download)."""
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}.")
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{what} {path} is empty (0 bytes).")
+    try:
+        with Image.open(path) as image:
+            width, height, mode, kind = image.width, image.height, image.mode, image.format
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{what} {path} is not a readable image ({err}).") from err
+    if kind == "JPEG":
+        # A JPEG ends with FF D9; a download cut short does not. Some writers pad after the
+        # marker, so look at the last bytes rather than the last two.
+        with path.open("rb") as handle:
+            handle.seek(max(0, size - 64))
+            tail = handle.read()
+        if b"\xff\xd9" not in tail:
+            raise DataError(f"{what} {path} is a truncated JPEG ({size} bytes, no end-of-image marker).")
+    return width, height, mode
+
+
 def read_mask(path: Path) -> np.ndarray:
     """A label mask as (H, W) uint8 class indices.
 
@@ -85,7 +129,7 @@ def read_mask(path: Path) -> np.ndarray:
         raise DataError(f"Mask not found: {path}. Expected a PNG of class indices at this path.")
     try:
         with Image.open(path) as mask:
-            if mask.mode not in ("P", "L", "I", "I;16"):
+            if mask.mode not in MASK_MODES:
                 raise DataError(
                     f"Mask {path} has image mode {mask.mode!r}; expected a palette ('P') or grayscale ('L') "
                     "PNG holding class indices, not colours."
@@ -207,7 +251,9 @@ class Dataset(abc.ABC):
     option_choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
 
     def __init__(self, root: Path | None, cache_dir: Path, **options: Any) -> None:
-        self.root = Path(root).expanduser() if root is not None else None
+        # No "~" expansion here: harness.config.expand_data_root does it once, where the user's
+        # text enters, so the trial spec and every worker see the same absolute path.
+        self.root = Path(root) if root is not None else None
         self.cache_dir = Path(cache_dir).expanduser()
         self.options = self._resolve_options(options)
         self._validate_options()
@@ -225,6 +271,20 @@ class Dataset(abc.ABC):
                 raise DataError(f'Split "{name}" of dataset "{self.name}" is empty: no sample ids{where}.')
             self._splits[name] = split
         return self._splits[name]
+
+    def canonical_root(self) -> str | None:
+        """The data root as the dataset resolved it (absolute, symlinks resolved), so every
+        spelling of ``--data-root`` that reaches the same files gives the same trial id."""
+        return str(self.root.resolve()) if self.root is not None else None
+
+    def split_fallback(self, name: str) -> str | None:
+        """A split to use instead of ``name`` when ``name``'s files are absent (a documented
+        fallback), else None."""
+        return None
+
+    def check_split(self, name: str) -> None:
+        """Pre-flight check of split ``name``: what is cheap (lists, file existence, headers).
+        DataError naming the file on the first problems found. Generated datasets: nothing."""
 
     @abc.abstractmethod
     def default_splits(self) -> dict[str, str]:

@@ -38,11 +38,13 @@ from harness.datasets.base import (
     Split,
     atomic_write_bytes,
     check_mask,
+    image_header,
     labels_from_counts,
     png_bytes,
     read_image,
     read_mask,
     register_dataset,
+    summarise_problems,
 )
 from harness.errors import DataError
 from methods.base import IGNORE_INDEX, DatasetInfo, Sample
@@ -167,23 +169,51 @@ def check_categories(categories: list[dict[str, Any]], source: Path) -> None:
             )
 
 
-def convert_split(annotations: Path, directory: Path, crowd: str) -> dict[str, Any]:
-    """Write the masks of every annotated image of one JSON into ``directory`` and return the
-    index (written last). Masks already present (an interrupted run) are kept."""
-    log.info("Converting COCO masks from %s into %s (once).", annotations, directory)
+def load_annotations(annotations: Path) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]]]:
+    """(annotated image entries sorted by id, annotations per image id) of a COCO JSON, its
+    categories checked. DataError naming the file when it does not parse or lacks a key."""
     try:
         data = json.loads(annotations.read_text())
         images, anns = data["images"], data["annotations"]
+        by_image: dict[int, list[dict[str, Any]]] = {}
+        for ann in anns:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        annotated = sorted((image for image in images if image["id"] in by_image), key=lambda item: item["id"])
+        for image in annotated:
+            image["file_name"], image["width"], image["height"]  # every key used later
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"Cannot read COCO annotations {annotations}: {err!r}.") from err
     check_categories(data.get("categories", []), annotations)
-    by_image: dict[int, list[dict[str, Any]]] = {}
-    for ann in anns:
-        by_image.setdefault(ann["image_id"], []).append(ann)
+    return annotated, by_image
+
+
+def check_image_entry(image: dict[str, Any], folder: Path, annotations: Path) -> None:
+    """The image file of one JSON entry exists, is a readable image (header only) and has the
+    entry's width and height. Some annotation tools export them swapped; masks rasterised at
+    the JSON's size would then not fit their image."""
+    path = folder / image["file_name"]
+    entry = f"{annotations} image id {image['id']} ({image['file_name']!r})"
+    try:
+        width, height, _ = image_header(path)
+    except DataError as err:
+        raise DataError(f"{entry}: {err}") from err
+    if (int(image["width"]), int(image["height"])) != (width, height):
+        raise DataError(
+            f"{entry} says width {image['width']} x height {image['height']}, but the image file "
+            f"{path} is {width} x {height}. Fix the entry's width / height in the JSON (they may be swapped)."
+        )
+
+
+def convert_split(annotations: Path, directory: Path, crowd: str, folder: Path | None = None) -> dict[str, Any]:
+    """Write the masks of every annotated image of one JSON into ``directory`` and return the
+    index (written last). Masks already present (an interrupted run) are kept. With the
+    image ``folder``, each entry's size is checked against its image file before converting."""
+    log.info("Converting COCO masks from %s into %s (once).", annotations, directory)
+    annotated, by_image = load_annotations(annotations)
     files: dict[str, str] = {}
-    for image in sorted(images, key=lambda item: item["id"]):
-        if image["id"] not in by_image:
-            continue
+    for image in annotated:
+        if folder is not None:
+            check_image_entry(image, folder, annotations)
         sample_id = Path(image["file_name"]).stem
         files[sample_id] = image["file_name"]
         target = directory / "masks" / f"{sample_id}.png"
@@ -195,12 +225,12 @@ def convert_split(annotations: Path, directory: Path, crowd: str) -> dict[str, A
     return index
 
 
-def load_or_convert(annotations: Path, directory: Path, crowd: str) -> dict[str, Any]:
+def load_or_convert(annotations: Path, directory: Path, crowd: str, folder: Path | None = None) -> dict[str, Any]:
     """The conversion's index: reused when complete, otherwise (re)built."""
     try:
         return json.loads((directory / "index.json").read_text())
     except (OSError, ValueError):
-        return convert_split(annotations, directory, crowd)
+        return convert_split(annotations, directory, crowd, folder)
 
 
 # -- the dataset ---------------------------------------------------------------------------
@@ -244,9 +274,48 @@ class COCODataset(Dataset):
     def _make_split(self, name: str) -> Split:
         annotations, images = locate_split(self.root, name, self.options["year"])
         directory = self.cache_directory(name)
-        files = load_or_convert(annotations, directory, self.options["crowd"])["files"]
+        files = load_or_convert(annotations, directory, self.options["crowd"], images)["files"]
         reader = partial(self._read, images=images, masks=directory / "masks", files=files)
         return Split(self.name, name, list(files), reader, str(annotations))
+
+    def check_split(self, name: str) -> None:
+        """Pre-flight: the JSON parses (standard categories, every key present) and every
+        annotated image exists, is a readable image (header) and has the JSON's size. Once
+        the masks are converted, the cached index's files are checked instead of re-parsing
+        the JSON (hundreds of MB for the full train set)."""
+        annotations, images = locate_split(self.root, name, self.options["year"])
+        directory = self.cache_directory(name)
+        try:
+            files = json.loads((directory / "index.json").read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            files = None
+        problems: list[str] = []
+        if files is None:
+            for image in load_annotations(annotations)[0]:
+                try:
+                    check_image_entry(image, images, annotations)
+                except DataError as err:
+                    problems.append(str(err))
+        else:
+            for sample_id, file_name in files.items():
+                try:
+                    self._check_cached(images / file_name, directory / "masks" / f"{sample_id}.png", annotations)
+                except DataError as err:
+                    problems.append(f"image {sample_id}: {err}")
+        if problems:
+            raise DataError(summarise_problems(problems, f"coco split {name} ({annotations})"))
+
+    @staticmethod
+    def _check_cached(image: Path, mask: Path, annotations: Path) -> None:
+        """One converted image: the image file reads and its cached mask has its size (a cache
+        converted before sizes were checked may hold masks at a wrong JSON size)."""
+        width, height, _ = image_header(image)
+        mask_width, mask_height, _ = image_header(mask, "Cached mask")
+        if (mask_width, mask_height) != (width, height):
+            raise DataError(
+                f"Cached mask {mask} is {mask_width} x {mask_height} but the image file {image} is {width} x {height}: "
+                f"its entry in {annotations} gives the wrong width / height. Fix the JSON, then delete {mask.parent.parent}."
+            )
 
     def _read(self, sample_id: str, images: Path, masks: Path, files: dict[str, str]) -> Sample:
         image = read_image(images / files[sample_id])

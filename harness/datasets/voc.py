@@ -27,11 +27,14 @@ import numpy as np
 from harness.datasets.base import (
     Dataset,
     Split,
+    MASK_MODES,
     check_mask,
+    image_header,
     labels_from_counts,
     read_image,
     read_mask,
     register_dataset,
+    summarise_problems,
 )
 from harness.errors import DataError
 from methods.base import DatasetInfo, Sample
@@ -67,8 +70,12 @@ def read_id_list(path: Path) -> list[str]:
     ``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png`` lines (first column's stem)."""
     if not path.is_file():
         raise DataError(f"Split list not found: {path}. Expected a text file with one image id per line.")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"Cannot read split list {path}: {err}. Expected a text file with one image id per line.") from err
     ids = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.strip():
             ids.append(Path(line.split()[0]).stem)
     return ids
@@ -126,6 +133,59 @@ class VOCDataset(Dataset):
     def default_splits(self) -> dict[str, str]:
         has_aug = self.list_path("train_aug").is_file()
         return {"train": "train_aug" if has_aug else "train", "cam_eval": "train", "val": "val"}
+
+    def canonical_root(self) -> str | None:
+        """The VOC2012 folder itself, whichever of its documented spellings was given."""
+        return str(self.voc_root.resolve())
+
+    def split_fallback(self, name: str) -> str | None:
+        """``train_aug`` -> ``train`` when there is no train_aug list (VOC without SBD), as the
+        role table documents, even where a suite pins train_aug."""
+        if name == "train_aug" and not self.list_path(name).is_file() and self.list_path("train").is_file():
+            return "train"
+        return None
+
+    def check_split(self, name: str) -> None:
+        """Pre-flight: the list parses and is not empty, JPEGImages/ exists, and for every id
+        the JPEG exists, is not empty or truncated, has a mask (train, val) of a mask mode and
+        its image's size, and has labels from some source. Headers only: mask values and
+        pixel data are checked when the trial reads them."""
+        images = self.voc_root / "JPEGImages"
+        if not images.is_dir():
+            raise DataError(f"VOC folder {images} is missing; expected the images as JPEGImages/<id>.jpg under {self.voc_root}.")
+        ids = self.split(name).ids
+        problems: list[str] = []
+        for sample_id in ids:
+            try:
+                self._check_sample(sample_id, require_mask=name != "train_aug")
+            except DataError as err:
+                problems.append(f"image {sample_id}: {err}")
+        if problems:
+            raise DataError(summarise_problems(problems, f"voc split {name} ({self.list_path(name)}, {len(ids)} ids)"))
+
+    def _check_sample(self, sample_id: str, require_mask: bool) -> None:
+        width, height, _ = image_header(self.voc_root / "JPEGImages" / f"{sample_id}.jpg")
+        path = self.mask_path(sample_id)
+        if path is None:
+            if require_mask:
+                raise DataError(f"Mask not found: expected {self.voc_root / 'SegmentationClass' / (sample_id + '.png')}.")
+            if self.options["labels"] == "masks" or not self._has_labels_without_mask(sample_id):
+                raise DataError(
+                    f"No mask and no image-level labels: no {self.voc_root / 'SegmentationClassAug' / (sample_id + '.png')}, "
+                    f"no entry in cls_labels.npy and no {self.voc_root / 'Annotations' / (sample_id + '.xml')}."
+                )
+            return
+        mask_width, mask_height, mode = image_header(path, "Mask")
+        if mode not in MASK_MODES:
+            raise DataError(f"Mask {path} has image mode {mode!r}; expected a palette ('P') or grayscale ('L') PNG of class indices.")
+        if (mask_width, mask_height) != (width, height):
+            raise DataError(f"Mask {path} is {mask_width}x{mask_height} (WxH) but its image is {width}x{height}.")
+
+    def _has_labels_without_mask(self, sample_id: str) -> bool:
+        table = self._cls_label_table() if self.options["labels"] in ("auto", "cls_labels") else None
+        if table is not None and sample_id in table:
+            return True
+        return self.options["labels"] in ("auto", "annotations") and (self.voc_root / "Annotations" / f"{sample_id}.xml").is_file()
 
     def list_path(self, split: str) -> Path:
         return self.voc_root / "ImageSets" / "Segmentation" / f"{split}.txt"
@@ -191,8 +251,16 @@ class VOCDataset(Dataset):
         return labels_from_counts(counts, len(VOC_CLASSES))
 
     def _cls_labels_path(self) -> Path | None:
-        for folder in (self.voc_root, self.root):
-            if folder is not None and (folder / "cls_labels.npy").is_file():
+        """cls_labels.npy in VOC2012/, else in the folders above it that are documented
+        spellings of the root (VOCdevkit/, the folder holding VOCdevkit/): the same file is
+        found whichever spelling was passed, so the canonical root changes nothing."""
+        folders = [self.voc_root]
+        if self.voc_root.name == "VOC2012":
+            folders.append(self.voc_root.parent)
+            if self.voc_root.parent.name == "VOCdevkit":
+                folders.append(self.voc_root.parent.parent)
+        for folder in folders:
+            if (folder / "cls_labels.npy").is_file():
                 return folder / "cls_labels.npy"
         return None
 
