@@ -87,9 +87,13 @@ class RefineGuide:
             else:
                 out = []
                 for b in range(B):
-                    top, bottom, left, right = valid_box(self.valid[b])
+                    box = valid_box(self.valid[b])
+                    if box == (0, H, 0, W):  # the box is the whole crop: same kernel
+                        out.append(self.region("crop")[b])
+                        continue
+                    top, bottom, left, right = box
                     box_image = self.images[b : b + 1, :, top:bottom, left:right]
-                    out.append(((top, bottom, left, right), self.par.prepare(self._small(box_image))))
+                    out.append((box, self.par.prepare(self._small(box_image))))
                 self._regions[name] = out
         return self._regions[name]
 
