@@ -9,20 +9,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from methods.afa import AFA, AFAConfig
 from methods.afa.labels import (
     affinity_label,
     cam_label,
     combine_high_low,
+    par_refine_argmax,
     radius_mask,
     random_walk,
+    refine_guide,
     refined_cam_label,
     transition_matrix,
     valid_box,
 )
-from methods.afa.losses import affinity_loss, balanced_seg_loss, dense_energy_loss
-from methods.afa.method import build_optimizer, schedule_phase, warmup_poly_factor
+from methods.afa.losses import affinity_loss, balanced_seg_loss, dense_energy_loss, lreg_grid
+from methods.afa.method import build_optimizer, long_side_size, schedule_phase, warmup_poly_factor
 from methods.afa.model import AFANet, SegFormerHead
 from methods.afa.par import PAR
 from methods.base import METHODS, DatasetInfo, Sample, StageContext
@@ -185,10 +188,71 @@ def test_refined_cam_label_respects_box_and_thresholds():
     valid = torch.ones(1, 16, 16, dtype=torch.bool)
     valid[:, 12:] = False
     par = PAR(num_iter=3)
-    label = refined_cam_label(par, images, cams, labels, valid, 0.55, 0.35)
-    assert valid_box(valid[0]) == (0, 12, 0, 16)
-    assert (label[0, 12:] == 255).all()
-    assert (label[0, :12, 10:] == 1).all() and (label[0, :12, :6] == 0).all()
+    for region in ("crop", "box"):
+        label = refined_cam_label(par, images, cams, labels, valid, 0.55, 0.35, region=region)
+        assert valid_box(valid[0]) == (0, 12, 0, 16)
+        assert (label[0, 12:] == 255).all()
+        assert (label[0, :12, 10:] == 1).all() and (label[0, :12, :6] == 0).all()
+
+
+def issue_box_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The issue's item-2 case: image zeros 1x3x8x8; one present class, CAM 0 in columns 0-3
+    and 3.0 in columns 4-7; valid box rows 0-8, columns 0-4."""
+    images = torch.zeros(1, 3, 8, 8)
+    cams = torch.zeros(1, 1, 8, 8)
+    cams[..., 4:] = 3.0
+    valid = torch.zeros(1, 8, 8, dtype=torch.bool)
+    valid[:, :, :4] = True
+    return images, cams, torch.ones(1, 1), valid
+
+
+def test_cam_label_par_runs_on_the_whole_padded_crop():
+    """Authors (``refine_cams_with_bkg_v2``): PAR on the whole crop at half size, then 255
+    outside the box. By hand, default PAR (48 neighbours, 10 iterations, w2 = 0.01):
+
+    * half size 4x4 (bilinear, exact 2x2 means): [bg 0.55, CAM] is [0.55, 0] in columns 0-1
+      and [0.55, 3] in 2-3 -> softmax (bg, class) = (0.6341, 0.3659) and (0.0794, 0.9206).
+    * zero image -> the same kernel at every pixel; every row is equal, so PAR acts on the 4
+      columns as a Markov chain (offsets clamped by the replicate padding) times (1 + w2)
+      per iteration. The chain is symmetric under x -> 3 - x, so its stationary weights put
+      1/2 on columns {0, 1} and 1/2 on {2, 3}; 10 iterations with 48 neighbours of which 32
+      reach the borders mix it completely: every pixel -> mean over columns * 1.01^10
+      (1.10462): bg (0.6341 + 0.0794) / 2 * 1.10462 = 0.3941, class 0.6432 * 1.10462 =
+      0.7105 -> the class wins in the box (columns 0-3) although its CAM is 0 there. With
+      bg 0.35: class (0.4134 + 0.9324) / 2 > bg -> class too, so the label is 1.
+    * ``region="box"`` (this implementation's old behaviour): the box holds only CAM 0 ->
+      bg 0.6341 > class 0.3659 (0.5866 > 0.4134 for bg 0.35) everywhere, a constant PAR keeps
+      it -> 0."""
+    images, cams, labels, valid = issue_box_case()
+    par = PAR()
+    small_bg_high = torch.tensor([0.6341, 0.6341, 0.0794, 0.0794]).view(1, 1, 1, 4).expand(1, 1, 4, 4)
+    refined = par(torch.zeros(1, 3, 4, 4), torch.cat([small_bg_high, 1 - small_bg_high], 1))
+    torch.testing.assert_close(refined[0, :, 0, 0], torch.tensor([0.3941, 0.7105]), atol=2e-4, rtol=0)
+    crop = refined_cam_label(par, images, cams, labels, valid, 0.55, 0.35)  # default region: crop
+    assert (crop[0, :, :4] == 1).all() and (crop[0, :, 4:] == 255).all()
+    box = refined_cam_label(par, images, cams, labels, valid, 0.55, 0.35, region="box")
+    assert (box[0, :, :4] == 0).all() and (box[0, :, 4:] == 255).all()
+
+
+def test_random_walk_branch_lets_par_resize_with_aligned_corners():
+    """The random-walk branch (authors' ``refine_cams_with_cls_label``) hands the box-sized
+    maps to PAR, which resizes them to its half-size kernel with align_corners=True. With 0
+    PAR iterations: a 4x4 [bg 0.5, class = columns (0, 0, 0, 1)] -> 2x2 picks the corner
+    columns: class (0, 1); back to 4x4 (align_corners=False: source x = (x + 0.5) / 2 - 0.5
+    = -0.25, 0.25, 0.75, 1.25 -> clamped) class (0, 0.25, 0.75, 1) -> columns 2-3 class.
+    Resizing first with align_corners=False (2x2 means) would give class (0, 0.5) -> (0,
+    0.125, 0.375, 0.5): never above bg (0.5 ties go to bg) -> all background."""
+    images = torch.zeros(1, 3, 4, 4)
+    walked = torch.zeros(1, 2, 4, 4)
+    walked[:, 0] = 0.5
+    walked[:, 1, :, 3] = 1.0
+    keys = torch.ones(1, 2, dtype=torch.bool)
+    par = PAR(num_iter=0)
+    guide = refine_guide(par, images, None, downscale=2)
+    (label,) = par_refine_argmax(par, guide.region("box"), [walked], keys, softmax=False, resize_first=False)
+    assert label[0].tolist() == [[0, 0, 1, 1]] * 4
+    (first,) = par_refine_argmax(par, guide.region("box"), [walked], keys, softmax=False, resize_first=True)
+    assert (first == 0).all()
 
 
 # -- losses -------------------------------------------------------------------------------------
@@ -207,17 +271,50 @@ def test_balanced_seg_loss():
     assert balanced_seg_loss(logits, only_bg).item() == pytest.approx(0.5 * expected_bg.item())
 
 
-def test_dense_energy_loss():
-    images = torch.zeros(1, 3, 8, 8)
-    valid = torch.ones(1, 8, 8, dtype=torch.bool)
-    one_class = torch.zeros(1, 2, 8, 8)
-    one_class[:, 0] = 1.0
-    assert dense_energy_loss(images, one_class, valid).item() == pytest.approx(0.0, abs=1e-6)
-    # uniform probabilities over 2 classes: P(disagree) = 1 - sum_k 0.25 = 0.5
-    assert dense_energy_loss(images, torch.full((1, 2, 8, 8), 0.5), valid).item() == pytest.approx(0.5)
-    logits = torch.randn(1, 2, 8, 8, requires_grad=True)
-    dense_energy_loss(images, logits.softmax(1), valid).backward()
-    assert logits.grad.abs().sum() > 0
+def test_dense_energy_loss_on_the_authors_scale():
+    """L_reg = 1e-7 / B * sum_b -r^2 sum_k sum_ij G_i S_ki W_ij S_kj on the half-size grid.
+
+    4x4 crop of a constant image -> 2x2 grid (r = 1), cells 2 crop pixels apart: W_ii = 1,
+    axis pairs exp(-2^2 / (2 * 100^2)) = exp(-0.0002) = 0.99980, diagonal pairs exp(-8 /
+    20000) = 0.99960. Sum over the 16 ordered pairs: 4 + 8 * 0.99980 + 4 * 0.99960 =
+    15.99680. S = 0.5 for both classes, target all 255 -> G = 1:
+    L = -1e-7 * 2 classes * 0.25 * 15.99680 = -7.9984e-7.
+    Gradient (authors' backward) on a grid pixel: -2e-7 * G * (W S_k)_i = -2e-7 * 0.5 *
+    (1 + 2 * 0.99980 + 0.99960) = -3.9992e-7; each crop pixel gets 1/4 of it (area mean)."""
+    images = torch.zeros(1, 3, 4, 4)
+    valid = torch.ones(1, 4, 4, dtype=torch.bool)
+    unlabelled = torch.full((1, 4, 4), 255)
+    assert lreg_grid((4, 4), 64) == (2, 2)
+    probs = torch.full((1, 2, 4, 4), 0.5, requires_grad=True)
+    loss = dense_energy_loss(images, probs, valid, unlabelled)
+    assert loss.item() == pytest.approx(-7.9984e-7, rel=1e-5)
+    loss.backward()
+    torch.testing.assert_close(probs.grad, torch.full_like(probs, -3.9992e-7 / 4), rtol=1e-5, atol=0)
+    # gate: a labelled pixel drops out in proportion to its confidence (G = 1 - max S = 0.5)
+    assert dense_energy_loss(images, probs, valid, torch.zeros(1, 4, 4, dtype=torch.long)).item() == pytest.approx(
+        0.5 * -7.9984e-7, rel=1e-5
+    )
+    # one-hot and labelled: G = 0 -> 0; outside the box nothing counts
+    one_hot = torch.zeros(1, 2, 4, 4)
+    one_hot[:, 0] = 1.0
+    assert dense_energy_loss(images, one_hot, valid, torch.zeros(1, 4, 4, dtype=torch.long)).item() == 0.0
+    assert dense_energy_loss(images, probs, torch.zeros_like(valid), unlabelled).item() == 0.0
+
+
+def test_dense_energy_loss_coarse_grid_stays_on_the_half_size_scale():
+    """16x16 constant image: half size is 8x8; max_side 4 -> a 4x4 grid whose cells are 2x2
+    half-size pixels (r = 4), so the sum over 16 x 16 instead of 64 x 64 pairs is scaled by
+    r^2 = 16. sigma_xy = 100 >> 16 px: W ~ 1, both sums ~ -(64^2) * 2 * 0.25 * 1e-7 =
+    -2.048e-4, and they agree within the kernel's curvature (< 0.1 %)."""
+    images = torch.zeros(1, 3, 16, 16)
+    valid = torch.ones(1, 16, 16, dtype=torch.bool)
+    target = torch.full((1, 16, 16), 255)
+    probs = torch.full((1, 2, 16, 16), 0.5)
+    assert lreg_grid((16, 16), 64) == (8, 8) and lreg_grid((16, 16), 4) == (4, 4)
+    fine = dense_energy_loss(images, probs, valid, target, max_side=64).item()
+    coarse = dense_energy_loss(images, probs, valid, target, max_side=4).item()
+    assert fine == pytest.approx(-2.048e-4, rel=5e-3)
+    assert coarse == pytest.approx(fine, rel=1e-3)
 
 
 # -- schedule and optimiser ---------------------------------------------------------------------
@@ -241,9 +338,35 @@ def test_optimizer_groups():
     groups = {g["name"]: g for g in build_optimizer(net, cfg).param_groups}
     assert groups["backbone_norm"]["weight_decay"] == 0.0 and groups["backbone"]["weight_decay"] == 0.01
     assert groups["heads"]["lr"] == pytest.approx(1e-2) and groups["decoder"]["lr"] == pytest.approx(1e-2)
+    # authors: backbone norms at lr 0 (frozen) by default; trained at the backbone lr as an option
+    assert groups["backbone_norm"]["lr"] == 0.0 and groups["backbone_norm"]["lr_scale"] == 0.0
+    trained = {g["name"]: g for g in build_optimizer(net, AFAConfig(lr=1e-3, freeze_backbone_norms=False)).param_groups}
+    assert trained["backbone_norm"]["lr"] == pytest.approx(1e-3)
     assert any(p is net.classifier.weight for p in groups["heads"]["params"])
     n_all = sum(p.numel() for p in net.parameters())
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == n_all
+
+
+def test_backbone_norms_stay_frozen_for_the_whole_run():
+    """lr_scale 0: set_lr keeps the group at lr 0 through warm-up and poly (as the authors'
+    scheduler scales each group's initial lr 0); AdamW with lr 0 and weight decay 0 leaves
+    the norms exactly as they were while the other backbone weights move."""
+    from methods.common.training import set_lr
+
+    torch.manual_seed(0)
+    net = AFANet("mit_synth", num_classes=3, img_size=32, decoder_dim=8)
+    optimizer = build_optimizer(net, AFAConfig(lr=1e-2))
+    groups = net.param_groups()
+    norms_before = [p.detach().clone() for p in groups["backbone_norm"]]
+    other_before = [p.detach().clone() for p in groups["backbone"]]
+    for step in range(3):
+        set_lr(optimizer, 1e-2 * warmup_poly_factor(step, 10, 2))
+        out = net(torch.randn(2, 3, 32, 32), affinity=False)
+        (out.logits.sum() + out.seg.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(a, p) for a, p in zip(norms_before, groups["backbone_norm"]))
+    assert any(not torch.equal(a, p) for a, p in zip(other_before, groups["backbone"]))
 
 
 # -- model --------------------------------------------------------------------------------------
@@ -387,3 +510,76 @@ def test_suite_recipes_use_config_fields_and_synthetic_is_the_default():
     for key, value in load_suite("synthetic").method_params["afa"].items():
         assert getattr(defaults, key) == (tuple(value) if isinstance(value, list) else value), key
     assert set(load_suite("voc").reference["afa"]) <= {"cam_miou", "mask_miou", "val_miou"}
+
+
+# -- test resolution (authors' test_msc_flip.py --resize_long 512) ------------------------------
+
+
+def test_long_side_size():
+    # ratio = 512 / 500 = 1.024: 375 * 1.024 = 384, 500 -> 512; 333 * 1.024 = 340.99 -> int 340
+    assert long_side_size((375, 500), 512) == (384, 512)
+    assert long_side_size((500, 333), 512) == (512, 340)
+    assert long_side_size((96, 64), 0) == (96, 64)  # 0 = off
+    assert long_side_size((100, 100), 512) == (512, 512)  # small images are enlarged too
+
+
+class RecordingNet(nn.Module):
+    """Stands in for AFANet in ``segment``: records input sizes; its stride-4 logits are a
+    constant per class: class 0 = the input width / 100, class 1 = 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, ...]] = []
+
+    def forward(self, x, seg=True, affinity=True):
+        from types import SimpleNamespace
+
+        self.sizes.append(tuple(x.shape))
+        B, _, h, w = x.shape
+        logits = torch.zeros(B, 2, h // 4, w // 4)
+        logits[:, 0] = w / 100
+        return SimpleNamespace(seg=logits)
+
+
+@pytest.mark.parametrize("long_side", [0, 64])
+def test_segment_resizes_the_long_side_first(long_side):
+    """48 x 36 images, test_long_side 64: ratio 64 / 48 -> 64 x 48 into the network (0: as is).
+    Multi-scale (1.0, 0.5) x flip: 64 x 48 and int(0.5 * side) = 32 x 24, each as a batch of
+    image + flip; max over scales at the scale-1 grid -> class 0 = 48 / 100 = 0.48 (0.5x gives
+    0.24); logits back at 48 x 36."""
+    info = DatasetInfo("tiny", ("a",), input_size=48)
+    method = AFA(AFAConfig(decoder_dim=8, test_scales=(1.0, 0.5), test_long_side=long_side), info, torch.device("cpu"))
+    method.net = RecordingNet()
+    images = torch.rand(1, 3, 48, 36)
+    single = method.segment(images)
+    multi = method.segment(images, multiscale=True)
+    h, w = (64, 48) if long_side else (48, 36)
+    assert method.net.sizes == [(1, 3, h, w), (2, 3, h, w), (2, 3, h // 2, w // 2)]
+    assert single.shape == multi.shape == (1, 2, 48, 36)
+    torch.testing.assert_close(multi[:, 0], torch.full((1, 48, 36), w / 100))
+
+
+def test_affinity_label_source_switch(monkeypatch):
+    """After the switch the affinity label comes from the CAM label (authors' VOC script) by
+    default, from the random-walk label with ``aff_from_rw_label`` (their COCO script); before
+    the switch always from the CAM label. The two labels are stubbed as constants 1 and 2."""
+    import methods.afa.method as afa_method
+
+    seen: list[int] = []
+    real_affinity_label = afa_method.affinity_label
+    monkeypatch.setattr(afa_method, "refined_cam_label", lambda *a, **k: torch.ones(2, 48, 48, dtype=torch.long))
+    monkeypatch.setattr(afa_method, "random_walk_label", lambda *a, **k: torch.full((2, 48, 48), 2, dtype=torch.long))
+
+    def recording(label, grid, radius):
+        seen.append(int(label.unique().item()))
+        return real_affinity_label(label, grid, radius)
+
+    monkeypatch.setattr(afa_method, "affinity_label", recording)
+    info = DatasetInfo("tiny", ("red", "blue"), input_size=48)
+    images, labels, valid = torch.rand(2, 3, 48, 48), torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.ones(2, 48, 48, dtype=torch.bool)
+    for from_rw, expected in ((False, [1, 1]), (True, [1, 2])):
+        seen.clear()
+        method = AFA(AFAConfig(**{**TINY, "aff_from_rw_label": from_rw}), info, torch.device("cpu"))
+        method.training_step(images, labels, valid, step=2)  # "cam" phase
+        method.training_step(images, labels, valid, step=4)  # "rw" phase
+        assert seen == expected, from_rw

@@ -97,15 +97,75 @@ def test_replicate_gather_by_hand():
 @pytest.mark.parametrize("impl", ["sparse", "slice"])
 def test_fast_matches_reference_on_random_input(impl):
     """Fast PAR == the straightforward conv formulation within 1e-5 (non-square, dilations
-    larger than the image, images resized to the masks' size, several iterations)."""
+    larger than the image, masks resized up to the images' size, several iterations)."""
     gen = torch.Generator().manual_seed(3)
     images = torch.rand(2, 3, 37, 42, generator=gen)
     masks = torch.rand(2, 5, 19, 21, generator=gen)
     par = PAR(DILATIONS, num_iter=10, w1=0.3, w2=0.01, impl=impl)
     out = par(images, masks)
     ref = reference_par(images, masks, DILATIONS, num_iter=10, w1=0.3, w2=0.01)
-    assert out.shape == masks.shape
+    assert out.shape == ref.shape == (2, 5, 37, 42)  # the images' size, not the masks'
     assert (out - ref).abs().max().item() < 1e-5
+
+
+def two_column_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """The issue's minimal case: image 1x3x4x4, columns 0-1 = 0 and 2-3 = 1; masks 1x1x2x2
+    [[1, 0], [0, 0]]."""
+    images = torch.zeros(1, 3, 4, 4)
+    images[..., 2:] = 1.0
+    return images, torch.tensor([[1.0, 0.0], [0.0, 0.0]]).view(1, 1, 2, 2)
+
+
+def test_masks_are_resized_up_to_the_images_with_aligned_corners():
+    """Authors' first step: bilinear, align_corners=True, 2x2 -> 4x4. Corners map onto corners,
+    so sample positions are 0, 1/3, 2/3, 1: row 0 = (1, 2/3, 1/3, 0), row 1 = 2/3 of row 0,
+    row 2 = 1/3 of row 0, row 3 = 0."""
+    from methods.afa.par import resize_masks
+
+    _, masks = two_column_case()
+    row = torch.tensor([1.0, 2 / 3, 1 / 3, 0.0])
+    expected = torch.stack([row, row * 2 / 3, row / 3, row * 0])[None, None]
+    torch.testing.assert_close(resize_masks(masks, (4, 4)), expected)
+
+
+@pytest.mark.parametrize("impl", ["sparse", "slice", "reference"])
+def test_par_refines_at_image_resolution_by_hand(impl):
+    """The issue's minimal case, dilations (1,), 1 iteration, w1 = 0.3, w2 = 0.01 -> 1x1x4x4.
+
+    Masks after the resize: row 0 (1, 2/3, 1/3, 0), row 1 (2/3, 4/9, 2/9, 0) (see above).
+    Position term (dilation 1): pos = 1 on the 4 axes, sqrt(2) on the 4 diagonals, unbiased
+    std 0.2214 -> logits -(1 / 0.2214 / 0.3)^2 = -226.7 vs -453.4: softmax 1/4 on each axis,
+    ~0 on the diagonals, so w2 * pos = 0.0025 on the axes.
+    Ring order (-1,-1), (-1,0), (-1,1), (0,-1), (0,1), (1,-1), (1,0), (1,1), replicate padding:
+
+    * (0,0): all 8 neighbours have image 0 = its own -> image softmax 1/8 each; kernel
+      0.1275 on axes, 0.125 on diagonals. Mask neighbours 1, 1, 2/3, 1, 2/3, 2/3, 2/3, 4/9:
+      0.125 (1 + 2/3 + 2/3 + 4/9) + 0.1275 (1 + 1 + 2/3 + 2/3) = 0.34722 + 0.425 = 0.77222.
+    * (0,1): the 3 neighbours in column 2 differ by 1; unbiased std over the 8 (3 ones, 5
+      zeros) = sqrt(1.875 / 7) = 0.5175 -> their logit -(1 / 0.5175 / 0.3)^2 = -41.5 (~0), the
+      other 5 share the softmax (0.2 each). Kernel: (-1,-1) 0.2, (-1,0) 0.2025, (0,-1)
+      0.2025, (0,1) 0.0025, (1,-1) 0.2, (1,0) 0.2025, others 0. Masks 1, 2/3, 1, 1/3, 2/3,
+      4/9: 0.2 + 0.135 + 0.2025 + 0.00083 + 0.13333 + 0.09 = 0.76167.
+    * (0,2): mirror image: the 3 neighbours in column 1 differ; kernel (-1,0) 0.2025, (-1,1)
+      0.2, (0,-1) 0.0025, (0,1) 0.2025, (1,0) 0.2025, (1,1) 0.2. Masks 1/3, 0, 2/3, 0, 2/9, 0:
+      0.2025 (1/3 + 2/9) + 0.0025 (2/3) = 0.11250 + 0.00167 = 0.11417.
+    * (0,3): as (0,0) (all neighbours 1 = its own). Masks 1/3, 0, 0, 1/3, 0, 2/9, 0, 0:
+      0.125 (1/3 + 2/9) + 0.1275 (1/3) = 0.06944 + 0.0425 = 0.11194.
+    """
+    images, masks = two_column_case()
+    if impl == "reference":
+        out = reference_par(images, masks, (1,), num_iter=1, w1=0.3, w2=0.01)
+    else:
+        out = PAR((1,), num_iter=1, w1=0.3, w2=0.01, impl=impl)(images, masks)
+    assert out.shape == (1, 1, 4, 4)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.77222, 0.76167, 0.11417, 0.11194]), atol=2e-5, rtol=0)
+
+
+def test_apply_resizes_masks_to_the_kernel():
+    """A kernel prepared on 4x4 images refines 2x2 masks exactly as forward does."""
+    images, masks = two_column_case()
+    par = PAR((1,), num_iter=1)
+    torch.testing.assert_close(par.apply(par.prepare(images), masks), par(images, masks))
 
 
 def test_shared_kernel_equals_separate_calls():
@@ -129,11 +189,12 @@ def test_gradients_flow_through_the_slice_path():
 
 @pytest.mark.slow
 def test_fast_par_is_at_least_5x_faster_than_reference():
-    """The issue's bar (benchmarks/perf_par.py measures the full B=2, 256 px case: ~35x)."""
+    """The issue's bar at image resolution (benchmarks/perf_par.py measures the full B=2,
+    256 px case with 64 x 64 masks upsampled)."""
     import time
 
     gen = torch.Generator().manual_seed(5)
-    images, masks = torch.rand(1, 3, 128, 128, generator=gen), torch.rand(1, 21, 128, 128, generator=gen)
+    images, masks = torch.rand(1, 3, 128, 128, generator=gen), torch.rand(1, 21, 32, 32, generator=gen)
     par = PAR(DILATIONS, num_iter=10)
 
     def best(fn, reps=3):

@@ -6,7 +6,6 @@ Label conventions: 0 background, ``c + 1`` foreground class ``c``, 255 ignored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -47,53 +46,93 @@ def valid_box(valid: torch.Tensor) -> tuple[int, int, int, int]:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-@dataclass
+Box = tuple[int, int, int, int]
+
+
 class RefineGuide:
     """What PAR needs per image of a batch, computed once and shared by every map refined on
-    it (both background scores, the CAM and the random-walk branches): the valid box
-    (top, bottom, left, right) and the PAR kernel of the box at 1 / ``downscale``."""
+    it (both background scores of a branch): the PAR kernels of the images at 1 /
+    ``downscale`` (bilinear, ``align_corners=False``, as the authors' code), for two regions,
+    each built on first use:
 
-    boxes: list[tuple[int, int, int, int]]
-    kernels: list[PARKernel]
+    * ``"crop"``: the whole (padded) crop, one batched kernel (the authors' CAM branch,
+      ``refine_cams_with_bkg_v2``);
+    * ``"box"``: the valid image box of each image, cropped first (the authors' random-walk
+      branch, ``refine_cams_with_cls_label``).
+
+    images (B, 3, H, W) in [0, 1]; valid (B, H, W) bool or None (whole image: both regions
+    are the same kernels). Sizes: ``max(1, side // downscale)``."""
+
+    def __init__(self, par: PAR, images: torch.Tensor, valid: torch.Tensor | None, downscale: int = 2) -> None:
+        self.par, self.images, self.valid, self.downscale = par, images, valid, max(1, int(downscale))
+        self._regions: dict[str, list[tuple[Box, PARKernel]]] = {}
+
+    def _small(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        size = (max(1, h // self.downscale), max(1, w // self.downscale))
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+    def region(self, name: str) -> list[tuple[Box, PARKernel]]:
+        """Per image: (top, bottom, left, right) of the region in crop pixels, its kernel."""
+        if name not in ("crop", "box"):
+            raise ValueError(f"PAR region must be 'crop' or 'box', not {name!r}")
+        if name == "box" and self.valid is None:
+            name = "crop"
+        if name not in self._regions:
+            B, _, H, W = self.images.shape
+            if name == "crop":
+                batch = self.par.prepare(self._small(self.images))
+                kernels = [PARKernel(batch.values[b : b + 1], batch.structure, batch.size) for b in range(B)]
+                self._regions[name] = [((0, H, 0, W), k) for k in kernels]
+            else:
+                out = []
+                for b in range(B):
+                    box = valid_box(self.valid[b])
+                    if box == (0, H, 0, W):  # the box is the whole crop: same kernel
+                        out.append(self.region("crop")[b])
+                        continue
+                    top, bottom, left, right = box
+                    box_image = self.images[b : b + 1, :, top:bottom, left:right]
+                    out.append((box, self.par.prepare(self._small(box_image))))
+                self._regions[name] = out
+        return self._regions[name]
 
 
 def refine_guide(par: PAR, images: torch.Tensor, valid: torch.Tensor | None, downscale: int = 2) -> RefineGuide:
-    """images (B, 3, H, W) in [0, 1]; valid (B, H, W) bool or None (whole image). The box
-    image is resized (bilinear) to ``(h // downscale, w // downscale)`` (code)."""
-    B, _, H, W = images.shape
-    boxes, kernels = [], []
-    for b in range(B):
-        top, bottom, left, right = valid_box(valid[b]) if valid is not None else (0, H, 0, W)
-        small = (max(1, (bottom - top) // downscale), max(1, (right - left) // downscale))
-        image = F.interpolate(images[b : b + 1, :, top:bottom, left:right], size=small, mode="bilinear", align_corners=False)
-        boxes.append((top, bottom, left, right))
-        kernels.append(par.prepare(image))
-    return RefineGuide(boxes, kernels)
+    """A :class:`RefineGuide` (kernels built lazily, per region)."""
+    return RefineGuide(par, images, valid, downscale)
 
 
 def par_refine_argmax(
-    par: PAR, guide: RefineGuide, scores: Sequence[torch.Tensor], keys: torch.Tensor, softmax: bool
+    par: PAR,
+    regions: Sequence[tuple[Box, PARKernel]],
+    scores: Sequence[torch.Tensor],
+    keys: torch.Tensor,
+    softmax: bool,
+    resize_first: bool,
 ) -> list[torch.Tensor]:
-    """PAR-refined arg-max labels over the kept channels (METHODS.md "refined with PAR at
-    half resolution"), one image at a time, inside its valid box.
+    """PAR-refined arg-max labels over the kept channels, one image at a time, in its region.
 
-    ``scores``: maps (B, K, H, W) over [background, classes] sharing the images (e.g. one per
-    background score); keys (B, K) bool: the channels to keep (background + present
-    classes). Per image and map: crop to the box, resize the kept channels to the kernel's
-    size (bilinear), optionally softmax over them (the CAM branch does, the random-walk
-    branch does not), PAR (all maps of an image in one call), resize back (bilinear),
-    argmax -> channel index. Returns one (B, H, W) label per map, 255 outside the box. Code
-    difference: the authors' CAM branch refines the whole crop (padding included); here both
-    branches refine the box only.
-    """
+    ``scores``: maps (B, K, H, W) over [background, classes] sharing the images (e.g. one
+    per background score); ``regions``: per image, its (top, bottom, left, right) and PAR
+    kernel (:meth:`RefineGuide.region`); keys (B, K) bool: the channels to keep (background
+    + present classes). Per image and map: cut the region, keep the channels, then
+
+    * ``resize_first`` (the authors' CAM branch): resize to the kernel's size (bilinear,
+      ``align_corners=False``), optionally softmax over the kept channels;
+    * else (the authors' random-walk branch): hand the region-sized maps to PAR, which
+      resizes them itself (bilinear, ``align_corners=True``, :func:`methods.afa.par.resize_masks`);
+
+    PAR (all maps of an image in one call), resize back to the region (bilinear,
+    ``align_corners=False``), argmax -> channel index. Returns one (B, H, W) label per map,
+    255 outside the region."""
     B, _, H, W = scores[0].shape
     outs = [torch.full((B, H, W), IGNORE_INDEX, dtype=torch.long, device=scores[0].device) for _ in scores]
-    for b, ((top, bottom, left, right), kernel) in enumerate(zip(guide.boxes, guide.kernels)):
+    for b, ((top, bottom, left, right), kernel) in enumerate(regions):
         kept = torch.nonzero(keys[b]).flatten()
-        maps = [
-            F.interpolate(s[b : b + 1, kept, top:bottom, left:right], size=kernel.size, mode="bilinear", align_corners=False)
-            for s in scores
-        ]
+        maps = [s[b : b + 1, kept, top:bottom, left:right] for s in scores]
+        if resize_first:
+            maps = [F.interpolate(m, size=kernel.size, mode="bilinear", align_corners=False) for m in maps]
         if softmax:
             maps = [m.softmax(1) for m in maps]
         refined = par.apply(kernel, torch.cat(maps, 1))
@@ -121,15 +160,21 @@ def refined_cam_label(
     bg_low: float,
     downscale: int = 2,
     guide: RefineGuide | None = None,
+    region: str = "crop",
 ) -> torch.Tensor:
     """The PAR-refined CAM pseudo label (code: ``refine_cams_with_bkg_v2``): for each of the
-    two background scores, softmax over [bg, present CAMs] then PAR then argmax; combined
-    with :func:`combine_high_low`; 255 outside the valid box. cams (B, C, H, W) in [0, 1].
-    ``guide`` (from :func:`refine_guide`) is built here when not given."""
+    two background scores, [bg plane, CAMs] resized to 1 / ``downscale``, softmax over the
+    kept channels (bg + present classes), PAR, resized back, argmax; combined with
+    :func:`combine_high_low`; then 255 outside the valid box. cams (B, C, H, W) in [0, 1].
+
+    ``region="crop"`` (authors): PAR runs on the whole (padded) crop, so a class whose CAM
+    lies outside the box can spread into it before the box is cut out; ``"box"``: on the
+    valid box only (this implementation's earlier behaviour, kept as an option). ``guide``
+    (from :func:`refine_guide`) is built here when not given."""
     guide = guide or refine_guide(par, images, valid, downscale)
     high, keys = with_background(cams, labels, bg_high)
     low, _ = with_background(cams, labels, bg_low)
-    label_high, label_low = par_refine_argmax(par, guide, [high, low], keys, softmax=True)
+    label_high, label_low = par_refine_argmax(par, guide.region(region), [high, low], keys, softmax=True, resize_first=True)
     label = combine_high_low(label_high, label_low)
     if valid is not None:
         label[~valid] = IGNORE_INDEX
@@ -203,8 +248,12 @@ def random_walk_label(
     """The random-walk + PAR pseudo label (the segmentation target after the switch).
 
     cams (B, C, H, W) in [0, 1] at image size; affinity (B, N, N) on ``grid``. For each
-    background score (high, low): resize the CAMs to the grid (bilinear), :func:`random_walk`,
-    resize back, PAR-refine (no softmax) and argmax; combine with :func:`combine_high_low`."""
+    background score (high, low): resize the CAMs to the grid (bilinear,
+    ``align_corners=False``), :func:`random_walk`, resize back to the crop (same rule), then
+    per image on its valid box (code: ``refine_cams_with_cls_label``): PAR with the box's
+    kernel at 1 / ``downscale``, the box-sized maps resized to it by PAR itself (bilinear,
+    ``align_corners=True``), no softmax, back to the box (``align_corners=False``), argmax;
+    combine with :func:`combine_high_low`; 255 outside the box."""
     guide = guide or refine_guide(par, images, valid, downscale)
     size = cams.shape[-2:]
     small = F.interpolate(cams, size=grid, mode="bilinear", align_corners=False)
@@ -214,7 +263,7 @@ def random_walk_label(
         F.interpolate(random_walk(small, affinity, labels, bg, mask, alpha, eps), size=size, mode="bilinear", align_corners=False)
         for bg in (bg_high, bg_low)
     ]
-    label_high, label_low = par_refine_argmax(par, guide, walked, keys, softmax=False)
+    label_high, label_low = par_refine_argmax(par, guide.region("box"), walked, keys, softmax=False, resize_first=False)
     label = combine_high_low(label_high, label_low)
     if valid is not None:
         label[~valid] = IGNORE_INDEX

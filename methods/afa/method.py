@@ -13,8 +13,15 @@ the harness skips ``train_seg``. Stages:
 * ``pseudo_masks``: the random-walk (learned affinity at the largest CAM scale) + PAR label
   with the high / low background thresholds (``pseudo_mask_mode="rw"``; ``"par"``: the
   PAR-refined CAM label; ``"cam"``: the plain two-threshold label).
-* ``segment``: the segmentation head; multi-scale = ``test_scales`` x flip, flip averaged,
-  max over scales. Dense CRF (``crf_params``) is applied by the harness.
+* ``segment``: the segmentation head on the image resized to long side ``test_long_side``
+  (authors: 512; 0 = off); multi-scale = ``test_scales`` x flip, flip averaged, max over
+  scales at the scale-1 logit grid; logits resized back. Dense CRF (``crf_params``) is
+  applied by the harness.
+
+Authors' choices that are config switches (defaults = the authors' code): backbone norms
+frozen (``freeze_backbone_norms``), the CAM label's PAR on the whole padded crop
+(``cam_par_region``), the affinity label from the CAM label (VOC script) or from the
+random-walk label after the switch (``aff_from_rw_label``, their COCO script).
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class AFAConfig(MethodConfig):
     lr: float = 1.5e-3  # backbone; heads (classifier, affinity, decoder) get lr * head_lr_mult
     head_lr_mult: float = 10.0
     weight_decay: float = 0.01
+    freeze_backbone_norms: bool = True  # authors: backbone norm layers at lr 0 for the whole run
     warmup_iters: int = 20
     warmup_ratio: float = 1e-6
     poly_power: float = 1.0
@@ -71,21 +79,24 @@ class AFAConfig(MethodConfig):
     par_w1: float = 0.3
     par_w2: float = 0.01
     par_downscale: int = 2  # PAR runs at 1 / par_downscale of the image size
+    cam_par_region: str = "crop"  # CAM-label PAR on the whole padded crop (authors) | "box"
     aff_radius: int = 4  # Chebyshev radius (tokens) of the affinity window (paper: 8 on 32 x 32)
     rw_alpha: float = 2.0
     rw_eps: float = 0.1  # column normalisation A / (A.sum(0) + rw_eps)
+    aff_from_rw_label: bool = False  # after the switch, affinity label from the rw label (authors' COCO) or the CAM label (VOC)
     # loss weights (Eq. 12)
     seg_weight: float = 0.1
     aff_weight: float = 0.1
     use_lreg: bool = False  # the authors' code dropped L_reg; the paper (Tab. 2) used it
-    lreg_weight: float = 0.01
+    lreg_weight: float = 0.01  # the paper's lambda_3 on its L_reg scale (losses.dense_energy_loss)
     lreg_sigma_rgb: float = 15.0
-    lreg_sigma_xy: float = 100.0
-    lreg_max_side: int = 64  # L_reg's dense kernel is built on images downsampled to this side
+    lreg_sigma_xy: float = 100.0  # crop pixels
+    lreg_max_side: int = 64  # L_reg's grid: half the crop (authors), at most this side (dense kernel)
     # inference
     pseudo_mask_mode: str = "rw"  # rw | par | cam
     test_scales: tuple[float, ...] = (1.0, 0.75, 1.25)  # paper (VOC): (1.0, 0.5, 0.75)
     test_flip: bool = True
+    test_long_side: int = 0  # > 0: resize each test image to this long side first (authors: 512); 0: off
     log_every: int = 20
 
 
@@ -107,13 +118,15 @@ def schedule_phase(step: int, cls_warmup_iters: int, rw_switch_iter: int) -> str
 
 
 def build_optimizer(net: AFANet, cfg: AFAConfig) -> torch.optim.AdamW:
-    """AdamW with the code's four groups: backbone (lr, wd), backbone norms (lr, wd 0),
+    """AdamW with the code's four groups: backbone (lr, wd), backbone norms (wd 0; lr 0 for
+    the whole run with ``freeze_backbone_norms``, the authors' "freeze norm layers", else lr),
     classifier + affinity head and decoder (lr * head_lr_mult, wd). ``lr_scale`` is what
-    :func:`methods.common.training.set_lr` multiplies the scheduled lr by."""
+    :func:`methods.common.training.set_lr` multiplies the scheduled lr by (0 stays 0, as the
+    authors' scheduler multiplies each group's initial lr)."""
     groups = net.param_groups()
     spec = [
         ("backbone", 1.0, cfg.weight_decay),
-        ("backbone_norm", 1.0, 0.0),
+        ("backbone_norm", 0.0 if cfg.freeze_backbone_norms else 1.0, 0.0),
         ("heads", cfg.head_lr_mult, cfg.weight_decay),
         ("decoder", cfg.head_lr_mult, cfg.weight_decay),
     ]
@@ -130,6 +143,15 @@ def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     return max(1, int(scale * size[0])), max(1, int(scale * size[1]))
 
 
+def long_side_size(size: tuple[int, int], long_side: int) -> tuple[int, int]:
+    """The authors' test resize (``--resize_long 512``): ``ratio = long_side / max(H, W)``,
+    ``(int(H * ratio), int(W * ratio))`` (at least 1); ``long_side <= 0``: ``size`` as is."""
+    if long_side <= 0:
+        return tuple(size)
+    ratio = long_side / max(size)
+    return max(1, int(size[0] * ratio)), max(1, int(size[1] * ratio))
+
+
 @register
 class AFA(Method):
     name = "afa"
@@ -140,6 +162,10 @@ class AFA(Method):
         super().__init__(config, dataset, device)
         if config.pseudo_mask_mode not in ("rw", "par", "cam"):
             raise ValueError(f"pseudo_mask_mode must be rw, par or cam, not {config.pseudo_mask_mode!r}")
+        if config.cam_par_region not in ("crop", "box"):
+            raise ValueError(f"cam_par_region must be crop or box, not {config.cam_par_region!r}")
+        if config.test_long_side < 0:
+            raise ValueError(f"test_long_side must be >= 0 (0 = off), not {config.test_long_side}")
         self.net = self._build_net().to(device)
         self.net.eval()
         self.par = PAR(config.par_dilations, config.par_iters, config.par_w1, config.par_w2).to(device)
@@ -239,8 +265,9 @@ class AFA(Method):
         cams = mask_absent(cams, labels)
         with torch.no_grad():
             guide = refine_guide(self.par, images, valid, cfg.par_downscale)
-            cam_target = refined_cam_label(self.par, images, cams, labels, valid, cfg.bg_high, cfg.bg_low, guide=guide)
-            aff_target = affinity_label(cam_target, out.grid, cfg.aff_radius)
+            cam_target = refined_cam_label(
+                self.par, images, cams, labels, valid, cfg.bg_high, cfg.bg_low, guide=guide, region=cfg.cam_par_region
+            )
             if phase == "rw":
                 seg_target = random_walk_label(
                     self.par, images, cams, aff, grid, labels, valid, cfg.bg_high, cfg.bg_low,
@@ -248,14 +275,20 @@ class AFA(Method):
                 )
             else:
                 seg_target = cam_target
+            # Authors: VOC builds the affinity label from the CAM label all run long; COCO
+            # from the segmentation target, i.e. the random-walk label after the switch.
+            aff_source = seg_target if cfg.aff_from_rw_label else cam_target
+            aff_target = affinity_label(aff_source, out.grid, cfg.aff_radius)
         seg = resize_to(out.seg, images.shape[-2:])
         aff_loss = affinity_loss(out.affinity, aff_target)
         seg_loss = balanced_seg_loss(seg, seg_target)
         loss = loss + cfg.seg_weight * seg_loss + cfg.aff_weight * aff_loss
         losses.update(seg=seg_loss.detach(), aff=aff_loss.detach())
         if cfg.use_lreg:
-            # On the head's own (stride-4) probabilities: the loss downsamples them anyway.
-            reg = dense_energy_loss(images, out.seg.softmax(1), valid, cfg.lreg_sigma_rgb, cfg.lreg_sigma_xy, cfg.lreg_max_side)
+            # As the authors: softmax of the crop-sized logits, gated by the seg target.
+            reg = dense_energy_loss(
+                images, seg.softmax(1), valid, seg_target, cfg.lreg_sigma_rgb, cfg.lreg_sigma_xy, cfg.lreg_max_side
+            )
             loss = loss + cfg.lreg_weight * reg
             losses["reg"] = reg.detach()
         losses["loss"] = loss
@@ -291,24 +324,34 @@ class AFA(Method):
     # -- stage 5 -------------------------------------------------------------------------------
     @torch.no_grad()
     def segment(self, images: torch.Tensor, multiscale: bool = False) -> torch.Tensor:
-        """Segmentation logits (B, C + 1, H, W). Multi-scale: per scale the logits of the image
-        and its flip (flipped back) averaged, resized to the image; max over scales."""
+        """Segmentation logits (B, C + 1, H, W), as the authors' ``test_msc_flip.py``: with
+        ``test_long_side`` > 0 the image is first resized (bilinear) to
+        :func:`long_side_size`. Single scale: the logits of that image. Multi-scale: per
+        scale (``int(scale * side)``) the logits of the image and its flip (flipped back),
+        resized to the logit grid of scale 1.0 (else the largest scale) and averaged; max
+        over scales. Logits are resized back to (H, W) last (bilinear)."""
         cfg = self.config
         self.net.eval()
         images = images.to(self.device)
         B, _, H, W = images.shape
         x = normalize(images)
+        size = long_side_size((H, W), cfg.test_long_side)
+        if size != (H, W):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         if not multiscale:
             return resize_to(self.net(x, affinity=False).seg, (H, W))
-        best = None
+        per_scale = {}
         for scale in cfg.test_scales:
-            xs = x if scale == 1.0 else F.interpolate(x, size=scaled_size((H, W), scale), mode="bilinear", align_corners=False)
-            batch = torch.cat([xs, xs.flip(-1)]) if cfg.test_flip else xs
-            seg = resize_to(self.net(batch, affinity=False).seg, (H, W))
+            xs = x if scale == 1.0 else F.interpolate(x, size=scaled_size(size, scale), mode="bilinear", align_corners=False)
+            per_scale[scale] = self.net(torch.cat([xs, xs.flip(-1)]) if cfg.test_flip else xs, affinity=False).seg
+        grid = tuple(per_scale[1.0 if 1.0 in per_scale else max(per_scale)].shape[-2:])
+        best = None
+        for seg in per_scale.values():
+            seg = resize_to(seg, grid)
             if cfg.test_flip:
                 seg = 0.5 * (seg[:B] + seg[B:].flip(-1))
             best = seg if best is None else torch.maximum(best, seg)
-        return best
+        return resize_to(best, (H, W))
 
     def macs_inputs(self) -> dict[str, tuple[Any, ...]]:
         size = self.dataset.input_size

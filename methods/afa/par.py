@@ -1,5 +1,10 @@
 """Pixel-adaptive refinement (PAR), AFA paper Sec. 3.4, Eqs. 8-10, as in the authors' code.
 
+Resolution (authors' ``wetr/PAR.py``): the *masks* are first resized to the *images'* size
+(bilinear, ``align_corners=True``) and refinement runs at the images' resolution, so the
+output has the images' H x W whatever the masks' size. (Callers choose the resolution by the
+size of the images they pass: AFA passes images at half the crop size.)
+
 For every pixel, the neighbourhood N is the 8-way ring at each dilation in
 ``dilations`` (default (1, 2, 4, 8, 12, 24) -> 48 neighbours), with replicate padding at the
 borders. The kernel over the 48 neighbours is
@@ -125,13 +130,23 @@ class PARKernel:
         return self.values[..., inverse].permute(0, 2, 1).reshape(B, n, *self.size)
 
 
+def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The authors' first step of PAR: masks (B, K, h, w) -> (B, K, *size), bilinear with
+    ``align_corners=True`` (corner pixels map onto corner pixels); unchanged if already
+    that size."""
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    return F.interpolate(masks, size=tuple(size), mode="bilinear", align_corners=True)
+
+
 class PAR(nn.Module):
     """Pixel-adaptive refinement (Eqs. 8-10); fast implementation, see the module docstring.
 
-    ``forward(images, masks)``: ``images`` (B, 3, h, w) in [0, 1] (resized bilinearly, with
-    ``align_corners=True`` as in the code, to the masks' size), ``masks`` (B, K, H, W) ->
-    refined masks (B, K, H, W). To refine several maps on the same images, compute the
-    kernel once with :meth:`prepare` and call :meth:`apply` per map. No parameters."""
+    ``forward(images, masks)``: ``images`` (B, 3, H, W) in [0, 1], ``masks`` (B, K, h, w) of
+    any size, resized to (H, W) (bilinear, ``align_corners=True``, as the authors' code) ->
+    refined masks (B, K, H, W) at the images' size. To refine several maps on the same
+    images, compute the kernel once with :meth:`prepare` and call :meth:`apply` per map. No
+    parameters."""
 
     def __init__(
         self,
@@ -158,13 +173,11 @@ class PAR(nn.Module):
     def extra_repr(self) -> str:
         return f"dilations={self.dilations}, num_iter={self.num_iter}, w1={self.w1}, w2={self.w2}, w_pos={self.w_pos}, impl={self.impl!r}"
 
-    def prepare(self, images: torch.Tensor, size: tuple[int, int] | None = None, dtype: torch.dtype = torch.float32) -> PARKernel:
-        """Eq. 8-9 kernel for images (B, 3, h, w), resized to ``size`` first (bilinear,
-        ``align_corners=True``). One gather of all n neighbours from the padded image."""
+    def prepare(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> PARKernel:
+        """Eq. 8-9 kernel for images (B, 3, H, W) in [0, 1], at their own size (the size every
+        map refined with it is brought to). One gather of all n neighbours from the padded
+        image."""
         images = images.to(dtype)
-        size = tuple(size or images.shape[-2:])
-        if tuple(images.shape[-2:]) != size:
-            images = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
         B, C, H, W = images.shape
         st = _padded_csr_structure(H, W, self.offsets, images.device)
         p = st.pad
@@ -186,9 +199,9 @@ class PAR(nn.Module):
         return self.prepare(images).dense()
 
     def apply(self, kernel: PARKernel, masks: torch.Tensor) -> torch.Tensor:
-        """Eq. 10, ``num_iter`` times, on masks (B, K, H, W) of the kernel's size."""
-        if tuple(masks.shape[-2:]) != kernel.size:
-            raise ValueError(f"PAR: masks are {tuple(masks.shape[-2:])}, the kernel is {kernel.size}")
+        """Eq. 10, ``num_iter`` times, on masks (B, K, h, w): resized to the kernel's (H, W)
+        first (:func:`resize_masks`) -> (B, K, H, W)."""
+        masks = resize_masks(masks, kernel.size)
         needs_grad = torch.is_grad_enabled() and (masks.requires_grad or kernel.values.requires_grad)
         # auto: the CSR product on CPU (cache-friendly); on accelerators the n fused
         # multiply-adds per iteration are cheap launches and need no sparse library.
@@ -198,7 +211,7 @@ class PAR(nn.Module):
         return self._propagate_sparse(masks, kernel)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return self.apply(self.prepare(images, tuple(masks.shape[-2:]), masks.dtype), masks)
+        return self.apply(self.prepare(images, masks.dtype), masks)
 
     def _propagate_slices(self, masks: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         """Replicate-pad once per iteration, accumulate the n shifted views (autograd-safe)."""
@@ -261,11 +274,12 @@ def reference_par(
     w2: float = 0.01,
     w_pos: float | None = None,
 ) -> torch.Tensor:
-    """Straightforward PAR (Eqs. 8-10): conv-gathered neighbours, the (B, K, n, H, W)
-    neighbour tensor materialised every iteration. Same contract as :class:`PAR`."""
+    """Straightforward PAR (Eqs. 8-10): masks resized to the images' size (bilinear,
+    ``align_corners=True``), conv-gathered neighbours, the (B, K, n, H, W) neighbour tensor
+    materialised every iteration. Same contract as :class:`PAR`: images (B, 3, H, W), masks
+    (B, K, h, w) -> (B, K, H, W)."""
     images = images.to(masks.dtype)
-    if images.shape[-2:] != masks.shape[-2:]:
-        images = F.interpolate(images, size=masks.shape[-2:], mode="bilinear", align_corners=True)
+    masks = resize_masks(masks, tuple(images.shape[-2:]))
     nbr = conv_neighbours(images, dilations)
     std = nbr.std(dim=2, keepdim=True)
     rgb = -(((nbr - images.unsqueeze(2)).abs() / (std + 1e-8) / w1) ** 2)
