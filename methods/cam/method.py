@@ -18,6 +18,7 @@ from torch import nn
 from methods.base import CRFParams, DatasetInfo, Method, MethodConfig, SampleSource, StageContext, register, to_uint8_image
 from methods.cam.model import ViTCamClassifier, ViTLinearSegmenter, resize_to_patch_multiple
 from methods.common.crf import dense_crf_labels
+from methods.common.weights import weights_field
 from methods.common.training import (
     CropAugment,
     iterate_batches,
@@ -33,7 +34,7 @@ from methods.common.training import (
 @dataclass
 class CamConfig(MethodConfig):
     backbone: str = "vit_synth"  # vit_synth | deit_tiny | deit_small | vit_small
-    pretrained: str | None = None  # local checkpoint of the backbone (ImageNet)
+    pretrained: str | None = weights_field("backbone")  # ImageNet checkpoint: path, "auto" or none
     crop: int = 96
     epochs: int = 12
     batch_size: int = 16
@@ -46,7 +47,7 @@ class CamConfig(MethodConfig):
     bg_threshold: float = 0.35
     pseudo_crf: bool = False
     seg_backbone: str = "vit_synth"
-    seg_pretrained: str | None = None
+    seg_pretrained: str | None = weights_field("seg_backbone")
     seg_crop: int = 96
     seg_epochs: int = 12
     seg_batch_size: int = 16
