@@ -257,7 +257,7 @@ def _where_to_put(source: WeightSource) -> str:
     return (
         f"Put the file {source.filename} ({expected}) in {cache_dir()} (the weights cache: $WSSS_WEIGHTS, "
         f"default ~/.cache/wsss-bench/weights), or run `wsss-bench weights fetch {source.name}` on a machine "
-        f"with network access and copy it there."
+        f"with network access and copy it there." + (f" Note: {source.note}." if source.note else "")
     )
 
 
