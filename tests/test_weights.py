@@ -293,3 +293,24 @@ def test_cli_weights(server, tmp_path, monkeypatch, capsys):
     assert 'Did you mean "resnet101"' in capsys.readouterr().out
     assert main(["weights", "fetch", "conformer_s"]) == 1  # manual download: says where from
     assert "pengzhiliang/Conformer" in capsys.readouterr().out
+
+
+def test_report_marks_random_init_rows_on_real_data():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from harness import report
+
+    def run(data_root: str, pretrained: str) -> SimpleNamespace:
+        params = {"data_root": data_root, "method.pretrained": pretrained, "method.seg_pretrained": "auto", "seed": "0"}
+        tags = {"wsss.status": "finished", "wsss.method": "cam", "wsss.suite": "s", "wsss.dataset": "voc"}
+        return SimpleNamespace(data=SimpleNamespace(tags=tags, params=params, metrics={"val_miou_ss": 1.0}),
+                               info=SimpleNamespace(run_id="r", status="FINISHED", start_time=0, end_time=0))
+
+    assert report._run_row(run("/data/VOC2012", "None"), "wsss-bench/s")["random_init"] is True
+    assert report._run_row(run("/data/VOC2012", "auto"), "wsss-bench/s")["random_init"] is False
+    assert report._run_row(run("None", "None"), "wsss-bench/s")["random_init"] is False  # synthetic: no data root
+    rows = pd.DataFrame([report._run_row(run("/data/VOC2012", "None"), "wsss-bench/s")])
+    board = report.build_leaderboard(rows.assign(code_version="abc"))
+    assert report._flag(board.table.iloc[0]) == " (random init)"
