@@ -253,7 +253,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _where_to_put(source: WeightSource) -> str:
-    expected = f"sha256 {source.sha256}{'...' if 0 < len(source.sha256) < 64 else ''}" if source.sha256 else "no published checksum"
+    expected = f"sha256 {source.sha256}{'...' if len(source.sha256) < 64 else ''}" if source.sha256 else source.checksum_note
     return (
         f"Put the file {source.filename} ({expected}) in {cache_dir()} (the weights cache: $WSSS_WEIGHTS, "
         f"default ~/.cache/wsss-bench/weights), or run `wsss-bench weights fetch {source.name}` on a machine "
