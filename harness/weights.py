@@ -10,10 +10,11 @@ from a data root (``synthetic`` generates its data and has none).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from harness.config import Overrides, Suite, TrialSpec
-from harness.errors import ConfigError
+from harness.errors import ConfigError, suggest
 from methods.common import weights as registry
 
 
@@ -33,9 +34,13 @@ def check_sweep_weights(suite: Suite, overrides: Overrides, methods: dict[str, t
         given = set(suite.method_params.get(name, {})) | set(overrides.shared) | set(overrides.methods.get(name, {}))
         for field, arch, value in weight_uses(cls, configs[name]):
             try:
-                registry.source_for(value, arch)
+                source = registry.source_for(value, arch)
             except registry.WeightsError as exc:
                 bad.append(f"{name}.{field}: {exc}")
+                continue
+            if source is None and not registry.is_random_init(value) and not Path(str(value)).expanduser().is_file():
+                bad.append(f"{name}.{field}={value!r} is neither a registered checkpoint (`wsss-bench weights list`: "
+                           f"{', '.join(registry.SOURCES)}) nor an existing file.{suggest(str(value), registry.SOURCES)}")
             if real_data and registry.is_random_init(value) and field not in given:
                 unset.append(f"{name}.{field} ({arch})")
     if bad:

@@ -78,7 +78,6 @@ def server(tmp_path, monkeypatch):
     monkeypatch.setenv("WSSS_WEIGHTS", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("WSSS_PROGRESS", "0")
     for var in ("NO_PROXY", "no_proxy"):
         monkeypatch.setenv(var, "127.0.0.1,localhost")
     for var in ("WSSS_OFFLINE", "HF_HUB_OFFLINE", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
@@ -277,6 +276,9 @@ def test_real_data_needs_explicit_random_init():
         check_sweep_weights(suite, parse_overrides([]), {"cam": cls}, {"cam": config}, real_data=True)
     check_sweep_weights(suite, parse_overrides(["pretrained=none", "cam.seg_pretrained=none"]), {"cam": cls}, {"cam": config}, real_data=True)
     check_sweep_weights(suite, parse_overrides([]), {"cam": cls}, {"cam": config}, real_data=False)  # synthetic: fine
+    config["pretrained"] = "deit_smal"  # a typo: neither a registry name nor a file
+    with pytest.raises(ConfigError, match='cam.pretrained=\'deit_smal\' is neither .* Did you mean "deit_small"'):
+        check_sweep_weights(suite, parse_overrides([]), {"cam": cls}, {"cam": config}, real_data=False)
     config["pretrained"] = "auto"
     config["backbone"] = "vit_synth"
     with pytest.raises(ConfigError, match="cam.pretrained: pretrained='auto': no ImageNet checkpoint"):

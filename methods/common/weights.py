@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -205,6 +206,8 @@ def source_for(spec: str | None, arch: str) -> WeightSource | None:
             )
         return SOURCES[ARCH_WEIGHTS[arch]]
     if text.startswith("hub:"):  # the old WeakTr spelling hub:<name>
+        if text[4:] not in SOURCES:
+            raise WeightsError(f"pretrained={text!r}: {text[4:]!r} is not a registered checkpoint (registered: {', '.join(SOURCES)}).")
         text = text[4:]
     return SOURCES.get(text)
 
@@ -340,7 +343,7 @@ def _check_manual(source: WeightSource, target: Path) -> None:
 
 def _download_url(source: WeightSource, tmp: Path) -> tuple[Path, dict[str, Any]]:
     dst = tmp / source.filename
-    torch.hub.download_url_to_file(source.url, str(dst), progress=bool(os.environ.get("WSSS_PROGRESS", "1") != "0"))
+    torch.hub.download_url_to_file(source.url, str(dst), progress=sys.stderr.isatty())
     return dst, {"url": source.url}
 
 
