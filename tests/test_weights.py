@@ -316,3 +316,31 @@ def test_report_marks_random_init_rows_on_real_data():
     rows = pd.DataFrame([report._run_row(run("/data/VOC2012", "None"), "wsss-bench/s")])
     board = report.build_leaderboard(rows.assign(code_version="abc"))
     assert report._flag(board.table.iloc[0]) == " (random init)"
+
+
+@pytest.mark.slow  # ~20 s: two MLflow stores are created
+def test_cli_run_on_real_data_resolves_weights_before_any_trial(shared_data, tmp_path, monkeypatch, capsys):
+    """voc files: --dry-run shows each trial's checkpoints; offline with a checkpoint not
+    cached, `run` stops with exit 2 before any trial; unset weights are an error too."""
+    from harness.cli import main
+
+    root = shared_data / "voc-mini" / "VOC2012"
+    if not root.is_dir():
+        pytest.skip(f"voc-mini not found at {root} (../shared/data is not part of a clone)")
+    monkeypatch.setenv("WSSS_WEIGHTS", str(tmp_path / "cache"))
+    monkeypatch.setenv("WSSS_OFFLINE", "1")
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per line
+    head = f'[suite]\ndataset = "voc"\nseeds = [0]\nmethods = ["cam"]\n[dataset]\nroot = "{root}"\n[methods.cam]\nbackbone = "deit_tiny"\n'
+    suite = tmp_path / "real.toml"
+    suite.write_text(head + 'pretrained = "auto"\nseg_pretrained = "none"\n')
+    args = ["run", "--suite", str(suite), "--methods", "cam", "--results", str(tmp_path / "results")]
+    assert main(args + ["--dry-run"]) == 0
+    assert "pretrained=deit_tiny [missing]; seg_pretrained=random init [-]" in capsys.readouterr().out
+    assert main(args) == 2
+    out = capsys.readouterr().out
+    assert "deit_tiny_patch16_224-a1311bcf.pth" in out and str(tmp_path / "cache") in out
+    assert not (tmp_path / "results" / "trials").exists()  # no trial started
+    suite.write_text(head)
+    assert main(args) == 2
+    assert "cam.pretrained (vit_synth), cam.seg_pretrained (vit_synth)" not in (out := capsys.readouterr().out)
+    assert "cam.pretrained (deit_tiny), cam.seg_pretrained (vit_synth) have no pretrained weights set" in " ".join(out.split())
