@@ -3,6 +3,7 @@
     wsss-bench run --methods cam,weaktr --dataset synthetic [--seeds 0,1,2] [key=value ...]
     wsss-bench report [--suite NAME ...]
     wsss-bench list
+    wsss-bench weights list | fetch [NAMES]
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--suite", action="append", help="only trials of these suites (repeatable)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--stop-server", action="store_true", help="stop the results directory's detached MLflow tracking server")
+
+    weights = sub.add_parser("weights", help="pretrained checkpoints: list the registry, or fetch into the cache ahead of time")
+    weights.add_argument("action", choices=["list", "fetch"])
+    weights.add_argument("names", nargs="*", help="registry names (default for fetch: every entry with a download URL)")
     return parser
 
 
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("mlflow", "alembic"):  # schema-migration chatter on a new store
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        return {"run": cmd_run, "report": cmd_report, "list": cmd_list, "status": cmd_status}[args.command](args)
+        return {"run": cmd_run, "report": cmd_report, "list": cmd_list, "status": cmd_status, "weights": cmd_weights}[args.command](args)
     except WsssError as exc:
         console.print(f"[bold red]{type(exc).__name__}:[/] {escape(str(exc))}", soft_wrap=True)
         return 2
@@ -155,7 +160,7 @@ def cmd_run(args) -> int:
     from harness.config import default_suite, expand_data_root, load_suite, parse_overrides
     from harness.datasets.preflight import preflight
     from harness.report import suite_references, write_report
-    from harness.sweep import plan_trials, sweep_key
+    from harness.sweep import plan_trials, sweep_key, trial_state
     from harness.tracking import Tracker
 
     if not args.suite and not args.dataset:
@@ -172,6 +177,8 @@ def cmd_run(args) -> int:
         raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}.") from None
     results = _results_dir(args.results)
     from harness.backends import BackendOptions, dry_run_states, run_sweep
+    from harness.weights import describe_trial, fetch_sweep_weights
+    from methods import load_all
 
     options = BackendOptions.from_args(args)  # bad backend options fail before anything runs
     overrides = parse_overrides(args.overrides)
@@ -184,13 +191,15 @@ def cmd_run(args) -> int:
     if args.dry_run:
         states = dry_run_states(specs, results, tracker)
         table = Table(title=f"Trials of suite {suite.name} ({len(specs)})")
-        for column in ("trial", "method", "dataset", "seed", "state"):
+        for column in ("trial", "method", "dataset", "seed", "state", "weights"):
             table.add_column(column)
         for spec in specs:
-            table.add_row(spec.trial_id, spec.method, spec.dataset, str(spec.seed), states[spec.trial_id])
+            table.add_row(spec.trial_id, spec.method, spec.dataset, str(spec.seed), states[spec.trial_id], escape(describe_trial(spec, load_all())))
         console.print(table)
         return 0
 
+    todo = specs if args.force else [s for s in specs if trial_state(s, results, tracker) != "finished"]
+    fetch_sweep_weights(todo, load_all(), log=lambda text: console.print(escape(text), soft_wrap=True))  # before any trial
     parent = tracker.sweep_run(sweep_key(specs), f"wsss-bench run --methods {','.join(methods)} ({suite.name})")
     console.print(f"[bold]Suite[/] {suite.name}: {len(specs)} trial(s) -> {results}  (MLflow: {uri}; backend: {options.backend})")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -316,6 +325,44 @@ def cmd_list(args) -> int:
         table.add_row(name, suite.dataset, ",".join(map(str, suite.seeds)), ",".join(suite.methods), suite.description)
     console.print(table)
     return 0
+
+
+def cmd_weights(args) -> int:
+    """``weights list``: the registry and what is cached; ``weights fetch [NAMES]``: download
+    into the cache ($WSSS_WEIGHTS). Exit 1 when a fetch fails (each failure says why)."""
+    from harness.errors import unknown
+    from methods.common import weights
+
+    for name in args.names:
+        if name not in weights.SOURCES:
+            raise unknown("checkpoint", name, weights.SOURCES)
+    arches: dict[str, list[str]] = {}
+    for arch, name in weights.ARCH_WEIGHTS.items():
+        arches.setdefault(name, []).append(arch)
+    chosen = [weights.SOURCES[n] for n in args.names] or list(weights.SOURCES.values())
+    if args.action == "list":
+        table = Table(title=f"Pretrained checkpoints (cache: {weights.cache_dir()})")
+        for column in ("name", "architectures", "source", "file", "checksum", "state"):
+            table.add_column(column, overflow="fold")
+        for source in chosen:
+            state = "cached" if weights.is_cached(source) else ("download by hand" if source.kind == "manual" else "not cached")
+            checksum = f"sha256 {source.sha256}" + ("..." if len(source.sha256) < 64 else "") if source.sha256 else "-"
+            table.add_row(source.name, ", ".join(arches.get(source.name, [])), escape(source.location), source.filename, checksum, state)
+        console.print(table)
+        return 0
+    failed = 0
+    for source in chosen if args.names else [s for s in chosen if s.kind != "manual" or weights.is_cached(s)]:
+        try:
+            path = weights.fetch(source)
+            console.print(f"[green]ok[/] {source.name}: {path}", soft_wrap=True)
+        except weights.WeightsError as exc:
+            failed += 1
+            console.print(f"[red]failed[/] {source.name}: {escape(str(exc))}", soft_wrap=True)
+    manual = [s for s in chosen if s.kind == "manual" and not weights.is_cached(s)]
+    if manual and not args.names:
+        console.print("Not fetched (no direct URL; download by hand, `wsss-bench weights fetch NAME` says from where): "
+                      + ", ".join(s.name for s in manual), soft_wrap=True)
+    return 1 if failed else 0
 
 
 def cmd_status(args) -> int:

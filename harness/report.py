@@ -40,6 +40,8 @@ leaderboard.csv columns (stable; ``pandas.read_csv``), in this order:
 ``code_version``                   the git commit of the runs (one per row)
 ``code_flag``                      '' | ``mixed`` | ``dirty`` | ``unknown`` (see above)
 ``label``                          the row's display name
+``random_init``                    True: real data (a data root) and a ``*pretrained`` field
+                                   None, i.e. trained without ImageNet weights (label flagged)
 ``n_seeds, seeds``                 finished seeds averaged, space-separated seed list
 ``missing_seeds``                  expected seeds without a finished run (space-separated)
 ``n_failed``                       failed / unfinished trials of this row (not averaged)
@@ -279,6 +281,9 @@ def _run_row(run, experiment_name: str) -> dict[str, Any] | None:
         "segmentation": "common" if _truthy(params.get("eval.common_segmentation")) or any(
             k.startswith("eval.common_segmentation.") for k in params) else "own",
         "config": json.dumps(config),
+        # real data (a data root) with a checkpoint field (`pretrained`, `seg_pretrained`) left None
+        "random_init": params.get("data_root", "None") != "None" and any(
+            k.startswith("method.") and k.endswith("pretrained") and v in ("None", "") for k, v in params.items()),
         "start_time": run.info.start_time or 0,
         "end_time": run.info.end_time or 0,
     }
@@ -499,6 +504,7 @@ def build_leaderboard(
             "suite": suite, "dataset": dataset, "method": method, "variant": variant,
             "segmentation": " ".join(sorted(set(group["segmentation"]))),
             "code_version": version, "code_flag": group["code_flag"].iloc[0], "label": label,
+            "random_init": bool(group["random_init"].any()) if "random_init" in group else False,
             "n_seeds": len(seeds), "seeds": " ".join(map(str, seeds)),
             "missing_seeds": " ".join(map(str, missing)), "n_failed": len(failed_here),
         }
@@ -909,7 +915,8 @@ def per_class_whats(pc: pd.DataFrame) -> list[str]:
 
 
 def _flag(row) -> str:
-    return {"mixed": " †", "dirty": " ‡", "unknown": " ?"}.get(row["code_flag"], "")
+    init = " (random init)" if _is_true(row.get("random_init")) else ""  # real data without ImageNet weights
+    return {"mixed": " †", "dirty": " ‡", "unknown": " ?"}.get(row["code_flag"], "") + init
 
 
 def _signed(value: float) -> str:
@@ -1120,7 +1127,7 @@ RUN_COLUMNS = ["experiment", "run_id", "suite", "dataset", "method", "variant", 
 
 def leaderboard_columns() -> list[str]:
     """leaderboard.csv's columns, in order (documented in the module docstring)."""
-    cols = ["suite", "dataset", "method", "variant", "segmentation", "code_version", "code_flag", "label",
+    cols = ["suite", "dataset", "method", "variant", "segmentation", "code_version", "code_flag", "label", "random_init",
             "n_seeds", "seeds", "missing_seeds", "n_failed"]
     for m in QUALITY_METRICS:
         cols += [f"{m}_n", f"{m}_mean", f"{m}_std", f"{m}_ci_low", f"{m}_ci_high"]

@@ -17,6 +17,7 @@ from harness.errors import ConfigError, WsssError, suggest, unknown
 from harness.runner import ProgressFn, TrialRunner
 from harness.tracking import Tracker
 from harness.trial import STAGES, TrialDir
+from harness.weights import check_sweep_weights
 from methods import load_all
 
 
@@ -46,6 +47,7 @@ def plan_trials(
     common_seg_config(eval_values)  # a typo in the shared segmentation recipe fails here
     configs = {name: _method_config(name, registry[name], suite, overrides) for name in methods}
     _check_shared_overrides(overrides, registry, methods)
+    check_sweep_weights(suite, overrides, {m: registry[m] for m in methods}, configs, real_data=root is not None)
     specs = []
     for seed in seeds if seeds is not None else suite.seeds:
         for name in methods:

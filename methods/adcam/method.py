@@ -48,6 +48,7 @@ from methods.common.crf import dense_crf_labels
 from methods.common.data import batches_per_epoch
 from methods.common.deeplab import SEG_ARCHS, DeepLabV2
 from methods.common.loop import ResumableLoop
+from methods.common.weights import weights_field
 from methods.common.training import (
     CropAugment,
     mask_absent,
@@ -74,7 +75,7 @@ class ADCAMConfig(MethodConfig):
 
     # -- CAM network ------------------------------------------------------------------------
     backbone: str = "conformer_tiny"  # conformer_s | conformer_ti | conformer_b | conformer_tiny | deit_small | vit_synth | ...
-    pretrained: str | None = None  # local checkpoint (official Conformer / timm ViT names)
+    pretrained: str | None = weights_field("backbone")  # path (official Conformer / timm ViT names), "auto" or none
     last_stage: str = "drop"  # Conformer last block: drop (paper) | stride1 | stride2 (original)
     drop_path_rate: float = 0.0
     stop_gradient: bool = True  # detach cross-branch gradients (paper Tab. 3)
@@ -101,7 +102,7 @@ class ADCAMConfig(MethodConfig):
     pseudo_crf_gt_prob: float = 0.7
     # -- segmentation (DeepLab-V2) --------------------------------------------------------------
     seg_arch: str = "small"  # deeplab_v2_r101 | deeplab_v2_r50 | small
-    seg_pretrained: str | None = None  # ImageNet ResNet checkpoint for the backbone
+    seg_pretrained: str | None = weights_field("seg_arch")  # ImageNet ResNet: path, "auto" or none
     seg_iterations: int = 300
     seg_batch_size: int = 8
     seg_crop: int = 96

@@ -39,6 +39,7 @@ from methods.afa.model import AFANet
 from methods.afa.par import PAR
 from methods.base import CRFParams, DatasetInfo, Method, MethodConfig, SampleSource, StageContext, register
 from methods.common.loop import ResumableLoop
+from methods.common.weights import weights_field
 from methods.common.training import CropAugment, mask_absent, normalize, resize_to, seeded, set_lr
 
 
@@ -49,7 +50,7 @@ class AFAConfig(MethodConfig):
 
     # network
     backbone: str = "mit_synth"  # mit_synth | mit_b0 | mit_b1 | mit_b2 | vit_synth | deit_tiny | deit_small | vit_small
-    pretrained: str | None = None  # local ImageNet checkpoint of the backbone (mit_b1.pth, ...)
+    pretrained: str | None = weights_field("backbone")  # ImageNet checkpoint: path (mit_b1.pth, ...), "auto" or none
     drop_path_rate: float = 0.0
     affinity_blocks: int = 2  # last blocks whose attention feeds the affinity head
     affinity_softmax: bool = False  # False: raw q k^T (code); True: post-softmax attention

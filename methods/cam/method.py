@@ -20,6 +20,7 @@ from methods.cam.model import ViTCamClassifier, ViTLinearSegmenter, resize_to_pa
 from methods.common.crf import dense_crf_labels
 from methods.common.data import batches_per_epoch
 from methods.common.loop import ResumableLoop
+from methods.common.weights import weights_field
 from methods.common.training import (
     CropAugment,
     mask_absent,
@@ -34,7 +35,7 @@ from methods.common.training import (
 @dataclass
 class CamConfig(MethodConfig):
     backbone: str = "vit_synth"  # vit_synth | deit_tiny | deit_small | vit_small
-    pretrained: str | None = None  # local checkpoint of the backbone (ImageNet)
+    pretrained: str | None = weights_field("backbone")  # ImageNet checkpoint: path, "auto" or none
     crop: int = 96
     epochs: int = 12
     batch_size: int = 16
@@ -47,7 +48,7 @@ class CamConfig(MethodConfig):
     bg_threshold: float = 0.35
     pseudo_crf: bool = False
     seg_backbone: str = "vit_synth"
-    seg_pretrained: str | None = None
+    seg_pretrained: str | None = weights_field("seg_backbone")
     seg_crop: int = 96
     seg_epochs: int = 12
     seg_batch_size: int = 16

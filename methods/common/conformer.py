@@ -49,6 +49,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from methods.common.vit import attention_weights
+from methods.common.weights import resolve as resolve_weights
 
 LastStage = Literal["stride2", "stride1", "drop"]
 
@@ -451,7 +452,8 @@ def create_conformer(
     cls: type[Conformer] | None = None,
 ) -> Conformer:
     """A Conformer by short name (:data:`CONFORMER_ARCHS`), optionally loading a local
-    checkpoint (the hub is never contacted). ``cls``: a Conformer subclass to build instead."""
+    checkpoint: a path, ``"auto"`` / a registry name (``methods.common.weights``) or None /
+    ``"none"``. ``cls``: a Conformer subclass to build instead."""
     if arch not in CONFORMER_ARCHS:
         raise ValueError(f"unknown Conformer architecture {arch!r}; known: {sorted(CONFORMER_ARCHS)}")
     model = (cls or Conformer)(
@@ -461,6 +463,7 @@ def create_conformer(
         stop_gradient=stop_gradient,
         **CONFORMER_ARCHS[arch],
     )
-    if pretrained:
-        load_conformer_checkpoint(model, pretrained)
+    path = resolve_weights(None if pretrained is None else str(pretrained), arch)
+    if path is not None:
+        load_conformer_checkpoint(model, path)
     return model

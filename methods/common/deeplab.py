@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
+from methods.common.weights import resolve as resolve_weights
+
 # Segmenter architectures: short name -> timm model name, or keyword arguments of timm's ResNet.
 SEG_ARCHS: dict[str, str | dict] = {
     "deeplab_v2_r101": "resnet101",
@@ -75,8 +77,9 @@ class DeepLabV2(nn.Module):
             raise ValueError(f"unknown segmenter {arch!r}; known: {sorted(SEG_ARCHS)}")
         self.arch = arch
         self.backbone = create_backbone(arch)
-        if pretrained:
-            load_backbone(self.backbone, Path(pretrained))
+        path = resolve_weights(None if pretrained is None else str(pretrained), arch)  # path / "auto" / name / none
+        if path is not None:
+            load_backbone(self.backbone, path)
         self.classifier = ASPPV2(self.backbone.num_features, num_classes, rates)
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:

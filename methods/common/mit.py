@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.common.weights import resolve as resolve_weights
+
 LN_EPS = 1e-6  # the official configs use LayerNorm(eps=1e-6)
 
 
@@ -267,12 +269,14 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def create_mit(arch: str, drop_path_rate: float = 0.1, pretrained: str | Path | None = None) -> MixVisionTransformer:
-    """A MiT encoder by name (see :data:`MIT_ARCHS`), optionally loaded from a local checkpoint."""
+    """A MiT encoder by name (see :data:`MIT_ARCHS`), optionally loaded from a checkpoint:
+    a path, ``"auto"`` / a registry name (``methods.common.weights``) or None / ``"none"``."""
     if arch not in MIT_ARCHS:
         raise ValueError(f"unknown MiT architecture {arch!r}; known: {sorted(MIT_ARCHS)}")
     model = MixVisionTransformer(MIT_ARCHS[arch], drop_path_rate=drop_path_rate)
-    if pretrained:
-        load_mit_checkpoint(model, Path(pretrained))
+    path = resolve_weights(None if pretrained is None else str(pretrained), arch)
+    if path is not None:
+        load_mit_checkpoint(model, path)
     return model
 
 

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
+from methods.common.weights import resolve as resolve_weights
+
 # Architectures by short name: (timm model name, keyword overrides).
 VIT_ARCHS: dict[str, tuple[str, dict]] = {
     # Tiny config for the synthetic dataset: 8x8 patches, 4 blocks, 3 heads, width 96.
@@ -61,9 +63,11 @@ def create_vit(
 ) -> VisionTransformer:
     """A timm ViT without a classifier head, accepting any input size that is a multiple of
     the patch size (``dynamic_img_size``). ``num_prefix_tokens`` > 1 makes that many class
-    tokens (WeakTr). ``pretrained`` is a local checkpoint path (loaded with
-    ``weights_only=True``); the hub is never contacted. ``pos_resample`` is one of
-    :data:`POS_RESAMPLE_RULES` (stored as ``model.pos_resample``; ValueError otherwise)."""
+    tokens (WeakTr). ``pretrained``: a local checkpoint path (loaded with
+    ``weights_only=True``), ``"auto"`` / a registry name (``methods.common.weights``:
+    fetched into the weights cache when missing) or None / ``"none"`` (random init).
+    ``pos_resample`` is one of :data:`POS_RESAMPLE_RULES` (stored as ``model.pos_resample``;
+    ValueError otherwise)."""
     if arch not in VIT_ARCHS:
         raise ValueError(f"unknown ViT architecture {arch!r}; known: {sorted(VIT_ARCHS)}")
     if pos_resample not in POS_RESAMPLE_RULES:
@@ -81,8 +85,9 @@ def create_vit(
     model.pos_resample = pos_resample
     if num_prefix_tokens > 1:
         expand_class_tokens(model, num_prefix_tokens)
-    if pretrained:
-        load_pretrained(model, Path(pretrained))
+    path = resolve_weights(pretrained, arch)
+    if path is not None:
+        load_pretrained(model, path)
     return model
 
 

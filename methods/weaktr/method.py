@@ -31,6 +31,7 @@ from methods.common.training import (
     CropAugment, normalize, poly_lr, seeded, set_lr, threshold_masks, warmup_cosine_lr,
 )
 from methods.common.vit import POS_RESAMPLE_RULES
+from methods.common.weights import weights_field
 from methods.weaktr.aaf import AAF_PRIORS
 from methods.weaktr.augment import SegAugment, TimmCamAugment
 from methods.weaktr.cam import multiscale_cams, weaktr_loss
@@ -53,7 +54,7 @@ class WeakTrConfig(MethodConfig):
 
     # -- stage 1: CAM network ---------------------------------------------------------------
     arch: str = "vit_synth"  # ViT of methods.common.vit.VIT_ARCHS (paper: deit_small)
-    pretrained: str | None = None  # local single-cls-token checkpoint, "hub", or None (random init)
+    pretrained: str | None = weights_field("arch")  # single-cls-token checkpoint path, "auto", or none (random init)
     cam_crop: int = 96  # training crop side (paper 224)
     cam_augment: str = "crop"  # "crop": common CropAugment; "timm": the DeiT recipe (paper)
     cam_scale_range: tuple[float, float] = (0.7, 1.3)  # CropAugment rescale range ("crop" only)
@@ -85,7 +86,7 @@ class WeakTrConfig(MethodConfig):
     pseudo_crf_bilateral_compat: float = 3.0
     # -- stage 2: online retraining --------------------------------------------------------
     seg_arch: str = "vit_synth"  # paper: deit_small (or vit_small)
-    seg_pretrained: str | None = None
+    seg_pretrained: str | None = weights_field("seg_arch")
     seg_init_from_cam: bool = True  # not in the paper: start the encoder from the CAM backbone
     seg_pos_resample: str = "bilinear"  # Segmenter position embeddings (code: bilinear); "timm" | "offset_bicubic"
     seg_crop: int = 96  # paper 480

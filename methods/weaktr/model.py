@@ -6,50 +6,32 @@ Pretrained weights: a local single-cls-token ViT/DeiT checkpoint (``pretrained=<
 cls token and its position embedding are repeated C times and whose patch position embeddings
 are resampled to the model's grid (``methods.common.vit.load_pretrained``; with the default
 ``pos_resample="offset_bicubic"``: bicubic without antialiasing at load, and per input the
-authors' ``scale_factor = (h + 0.1) / h0`` rule); or ``pretrained="hub"``
-(``"hub:<timm model name>"``) to fetch the timm weights of the architecture when online.
+authors' ``scale_factor = (h + 0.1) / h0`` rule); or ``pretrained="auto"`` (old spelling
+``"hub"``) for the registry's checkpoint of the architecture (``methods.common.weights``).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from methods.common.vit import VIT_ARCHS, create_vit, patch_grid, run_blocks, tokens_to_map
+from methods.common.vit import create_vit, patch_grid, run_blocks, tokens_to_map
+from methods.common.weights import is_random_init
+from methods.common.weights import resolve as resolve_weights
 from methods.weaktr.aaf import AdaptiveAttentionFusion, mean_sum_fusion
 from methods.weaktr.cam import class_token_logits, fine_cam, gap_logits, split_attention
 
 
 def resolve_pretrained(spec: str | None, arch: str) -> str | None:
-    """A checkpoint spec -> a local file path (or None for random init).
-
-    ``"hub"`` / ``"hub:<timm name>"`` downloads the timm weights once (network needed) into
-    ``$WSSS_BENCH_CACHE`` (default ``~/.cache/wsss-bench``); anything else is a local path."""
-    if not spec:
-        return None
-    if not spec.startswith("hub"):
-        return spec
-    import timm
-
-    name = spec.split(":", 1)[1] if ":" in spec else VIT_ARCHS[arch][0]
-    cache = Path(os.environ.get("WSSS_BENCH_CACHE", Path.home() / ".cache" / "wsss-bench"))
-    path = cache / f"{name}.pth"
-    if not path.is_file():
-        try:
-            model = timm.create_model(name, pretrained=True, num_classes=0)
-        except Exception as err:  # noqa: BLE001 - offline machines fail in many ways
-            raise RuntimeError(
-                f"could not download pretrained weights {name!r} from the hub ({err}); "
-                f"put a checkpoint file on disk and pass its path as `pretrained` instead"
-            ) from err
-        cache.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
-    return str(path)
+    """A checkpoint spec -> a local file path (or None for random init), through the weights
+    registry (``methods.common.weights``): ``"auto"`` (or the old ``"hub"``) fetches the
+    architecture's ImageNet checkpoint into the weights cache once; a registry name fetches
+    that one; ``"none"`` is random init; anything else is a local path."""
+    path = resolve_weights(spec, arch)
+    return None if path is None else str(path)
 
 
 @dataclass
@@ -91,7 +73,7 @@ class WeakTrCAMNet(nn.Module):
             arch, img_size, num_prefix_tokens=num_classes, drop_path_rate=drop_path,
             pretrained=resolve_pretrained(pretrained, arch), pos_resample=pos_resample,
         )
-        if not pretrained:
+        if is_random_init(pretrained):
             self._init_class_tokens()
         dim = self.backbone.embed_dim
         self.num_layers = len(self.backbone.blocks)

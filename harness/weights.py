@@ -1,0 +1,91 @@
+"""The pretrained weights of a sweep: which checkpoint each trial's backbones load, the rule
+that real data never trains from random initialisation by accident, and fetching every
+checkpoint before the first trial starts.
+
+A method's config marks its checkpoint fields with ``methods.common.weights.weights_field``
+(which names the architecture field each one is for); the harness reads only that metadata,
+so it has no method-specific code. A sweep is on *real data* when its dataset reads files
+from a data root (``synthetic`` generates its data and has none).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.config import Overrides, Suite, TrialSpec
+from harness.errors import ConfigError, suggest
+from methods.common import weights as registry
+
+
+def weight_uses(method_cls: type, config: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """``[(field, architecture, value)]`` of the checkpoint fields of one method config."""
+    fields = registry.config_weight_fields(method_cls.Config)
+    return [(name, str(config[arch_field]), config[name]) for name, arch_field in fields.items()]
+
+
+def check_sweep_weights(suite: Suite, overrides: Overrides, methods: dict[str, type], configs: dict[str, dict[str, Any]], real_data: bool) -> None:
+    """Fail before any trial when a checkpoint value cannot be resolved (``auto`` for an
+    architecture without registered weights, an unknown name), or when a real-data sweep
+    would train a backbone from random init without ``<field> = "none"`` spelled out in the
+    suite or an override. Errors: ConfigError naming the fields and the fix."""
+    unset, bad = [], []
+    for name, cls in methods.items():
+        given = set(suite.method_params.get(name, {})) | set(overrides.shared) | set(overrides.methods.get(name, {}))
+        for field, arch, value in weight_uses(cls, configs[name]):
+            try:
+                source = registry.source_for(value, arch)
+            except registry.WeightsError as exc:
+                bad.append(f"{name}.{field}: {exc}")
+                continue
+            if source is None and not registry.is_random_init(value) and not Path(str(value)).expanduser().is_file():
+                bad.append(f"{name}.{field}={value!r} is neither a registered checkpoint (`wsss-bench weights list`: "
+                           f"{', '.join(registry.SOURCES)}) nor an existing file.{suggest(str(value), registry.SOURCES)}")
+            if real_data and registry.is_random_init(value) and field not in given:
+                unset.append(f"{name}.{field} ({arch})")
+    if bad:
+        raise ConfigError("Pretrained weights of suite " + repr(suite.name) + " cannot be resolved. " + " ".join(bad))
+    if unset:
+        raise ConfigError(
+            f"Suite {suite.name!r} trains on real data ({suite.dataset}), but {', '.join(unset)} "
+            f"{'has' if len(unset) == 1 else 'have'} no pretrained weights set, so {'it' if len(unset) == 1 else 'they'} "
+            f"would start from random initialisation. Set each to \"auto\" (the ImageNet checkpoint of the weights "
+            f"registry, `wsss-bench weights list`), a checkpoint path, or \"none\" to train from random init on purpose "
+            f"(in the suite's [methods.<name>] table or as an override, e.g. `{unset[0].split(' ')[0]}=none`); "
+            f"the report marks random-init rows."
+        )
+
+
+def trial_sources(spec: TrialSpec, methods: dict[str, type]) -> list[registry.WeightSource]:
+    """The registry checkpoints one trial loads (local paths and random init excluded)."""
+    out = []
+    for field, arch, value in weight_uses(methods[spec.method], spec.method_config):
+        source = registry.source_for(value, arch)
+        if source is not None and source not in out:
+            out.append(source)
+    return out
+
+
+def describe_trial(spec: TrialSpec, methods: dict[str, type]) -> str:
+    """One ``--dry-run`` cell: ``field=source [state]`` per checkpoint field of the trial."""
+    parts = []
+    for field, arch, value in weight_uses(methods[spec.method], spec.method_config):
+        text, state = registry.describe(value, arch)
+        parts.append(f"{field}={text.split(' (')[0] if state != 'error' else value} [{state}]")
+    return "; ".join(parts) or "-"
+
+
+def fetch_sweep_weights(specs: list[TrialSpec], methods: dict[str, type], log: Callable[[str], None] = print) -> None:
+    """Download every registry checkpoint the trials need that is not cached yet, before the
+    first trial (workers on offline compute nodes then find them in the shared cache).
+    Errors: ConfigError with the registry's message (offline, manual source, checksum)."""
+    seen: list[registry.WeightSource] = []
+    for spec in specs:
+        seen += [s for s in trial_sources(spec, methods) if s not in seen]
+    for source in seen:
+        if not registry.is_cached(source):
+            log(f"fetching pretrained weights {source.name} from {source.location} -> {registry.cached_path(source)}")
+        try:
+            registry.fetch(source)
+        except registry.WeightsError as exc:
+            raise ConfigError(str(exc)) from None
