@@ -13,8 +13,9 @@ library is not installed):
                      ``wsss.lib.python`` (e.g. ``3.11.7``) and, for a trial on a CUDA device,
                      ``wsss.lib.cuda`` (the CUDA version torch was built with) and
                      ``wsss.lib.cudnn`` (cuDNN's version number, e.g. ``91200``)
-``wsss.env``         :func:`env_hash` of every ``wsss.lib.*`` tag except the bookkeeping ones:
-                     runs with equal hashes ran on the same result-deciding versions
+``wsss.env``         :func:`env_hash` of every ``wsss.lib.*`` tag except the bookkeeping ones
+                     (Python by its minor version): runs with equal hashes ran on the same
+                     result-deciding versions
 """
 
 from __future__ import annotations
@@ -84,9 +85,14 @@ def library_versions(device: str = "cpu") -> dict[str, str]:
 
 def env_hash(versions: Mapping[str, str]) -> str:
     """12 hex digits of SHA-1 over the sorted ``name=version`` lines of ``versions`` without
-    :data:`BOOKKEEPING_LIBRARIES`: equal exactly when every result-deciding version is equal
-    (independent of the mapping's order)."""
-    lines = sorted(f"{name}={version}" for name, version in versions.items() if name not in BOOKKEEPING_LIBRARIES)
+    :data:`BOOKKEEPING_LIBRARIES`, ``python`` by its minor version (``3.11.7`` -> ``3.11``: the
+    lock file pins packages for a minor version, and CPython patch releases keep ``random``'s
+    and the numeric libraries' results): equal exactly when every result-deciding version is
+    equal, independent of the mapping's order."""
+    hashed = {name: version for name, version in versions.items() if name not in BOOKKEEPING_LIBRARIES}
+    if "python" in hashed:
+        hashed["python"] = ".".join(hashed["python"].split(".")[:2])
+    lines = sorted(f"{name}={version}" for name, version in hashed.items())
     return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]
 
 

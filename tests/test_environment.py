@@ -22,6 +22,9 @@ def test_env_hash_is_sha1_of_sorted_lines_without_bookkeeping():
     assert env_hash({"numpy": "2.4.6", "mlflow": "3.17.2", "torch": "2.14.1"}) == "36421bf57f8a"
     # one result-deciding version changes it: printf 'numpy=2.4.6\ntorch=2.14.2' | sha1sum -> 316a07f0f00f...
     assert env_hash({"torch": "2.14.2", "numpy": "2.4.6"}) == "316a07f0f00f"
+    # Python counts by its minor version: printf 'python=3.11\ntorch=2.14.1' | sha1sum -> 72826dfd3d10...
+    assert env_hash({"torch": "2.14.1", "python": "3.11.7"}) == env_hash({"torch": "2.14.1", "python": "3.11.2"}) == "72826dfd3d10"
+    assert env_hash({"torch": "2.14.1", "python": "3.12.1"}) != "72826dfd3d10"
 
 
 def test_environment_tags_name_this_install():
