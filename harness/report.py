@@ -476,7 +476,8 @@ def build_leaderboard(
     runs[["env", "versions"]] = runs[["env", "versions"]].fillna("")  # NaN would drop out of the groupby below
     envs = runs.groupby(family + ["code_version"])["env"].agg(lambda s: set(s))
     several = [len(envs[tuple(r[k] for k in family + ["code_version"])]) > 1 for _, r in runs.iterrows()]
-    runs["label"] = [label + (f" env:{env[:8] or 'unrecorded'}" if split else "") for label, env, split in zip(runs["label"], runs["env"], several)]
+    runs["label"] = [label + (f" env:{env[:8] or 'unrecorded'}" if split else "")
+                     for label, env, split in zip(runs["label"], runs["env"], several)]
     for key, es in envs.items():
         if len(es) > 1:
             warnings.append(f"{key[0]}/{key[1]}: **{_label(key[2], key[3], '', False)}** has runs on {len(es)} sets of library "
