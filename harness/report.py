@@ -24,6 +24,10 @@ Rules that make the numbers trustworthy (tested in tests/test_report.py):
   each version is its own row, and ``code_flag`` says ``mixed`` for every row of such a group
   (``dirty`` for runs from a working tree with uncommitted changes, ``unknown`` when the
   commit was not recorded).
+* Runs on different result-deciding library versions (tag ``wsss.env``, the hash of the
+  ``wsss.lib.*`` versions, harness/environment.py) are never averaged together either: each
+  environment is its own row (label suffix ``env:<hash>`` when a method has several), and the
+  report names every row's versions.
 * Every statistic carries its n. ``missing_seeds`` lists the seeds that other rows of the
   same suite / dataset (or the suite file) have and this row lacks.
 * Statistics: :mod:`harness.stats` (sample std, Student-t 95% CI, paired t over matched
@@ -63,6 +67,9 @@ leaderboard.csv columns (stable; ``pandas.read_csv``), in this order:
 ``params_total, gmacs_total``      parameters and GMACs (one forward at the input size)
 ``networks``                       per network: ``name=params/GMACs``
 ``hardware``                       distinct ``wsss.hardware`` tags
+``env``                            the ``wsss.env`` hash of the runs' library versions (one
+                                   per row; '' for runs recorded before it existed)
+``versions``                       those versions, e.g. ``torch 2.14.1+cu130, timm 1.0.31, ...``
 ``run_ids``                        the MLflow runs averaged
 =================================  ===========================================================
 
@@ -74,7 +81,7 @@ per_class.csv: ``suite, dataset, label, method, variant, code_version, what, cla
 std, ci_low, ci_high`` (what in cam, mask, val_ss, val_ms, val_ms_crf).
 
 runs.csv: ``experiment, run_id, suite, dataset, method, variant, segmentation, code_version,
-seed, trial_id, status, hardware, error`` then every metric of :data:`RUN_METRICS`.
+seed, trial_id, status, hardware, env, versions, error`` then every metric of :data:`RUN_METRICS`.
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ import pandas as pd
 
 from harness import stats
 from harness.config import Suite
+from harness.environment import ENV_TAG, versions_text
 from harness.errors import ConfigError, ResultsError, TrackingError, unknown
 from harness.tracking import EXPERIMENT_PREFIX, STATUS_TAG, TRIAL_TAG
 from harness.trial import STAGES
@@ -276,6 +284,8 @@ def _run_row(run, experiment_name: str) -> dict[str, Any] | None:
         "code_version": _known(tags.get("wsss.code_tree")) or tags.get("wsss.git_commit") or "unknown",
         "package_version": tags.get("wsss.code_version", ""),
         "hardware": tags.get("wsss.hardware", ""),
+        "env": tags.get(ENV_TAG, ""),  # the hash of the result-deciding library versions
+        "versions": versions_text(tags),
         "error": tags.get("wsss.error", ""),
         "stage_status": tags.get("wsss.stage_status", ""),
         "segmentation": "common" if _truthy(params.get("eval.common_segmentation")) or any(
@@ -450,7 +460,8 @@ def build_leaderboard(
         return Leaderboard(pd.DataFrame(), pd.DataFrame(), meta=meta)
     runs = runs.copy().reset_index(drop=True)
     for column, default in (("config", "{}"), ("segmentation", "own"), ("code_version", "unknown"), ("hardware", ""),
-                            ("error", ""), ("end_time", 0), ("start_time", 0), ("run_id", ""), ("experiment", "")):
+                            ("error", ""), ("end_time", 0), ("start_time", 0), ("run_id", ""), ("experiment", ""),
+                            ("env", ""), ("versions", "")):
         if column not in runs:
             runs[column] = default
     runs["variant"] = _variant_labels(runs)
@@ -466,6 +477,16 @@ def build_leaderboard(
             name = _label(key[2], key[3], "", False)
             warnings.append(f"{key[0]}/{key[1]}: **{name}** has runs from {len(vs)} code versions ({', '.join(sorted(vs))}); "
                             "they are shown as separate rows, never averaged together.")
+    # Library environments per (family, code version): several -> separate rows, never averaged.
+    runs[["env", "versions"]] = runs[["env", "versions"]].fillna("")  # NaN would drop out of the groupby below
+    envs = runs.groupby(family + ["code_version"])["env"].agg(lambda s: set(s))
+    several = [len(envs[tuple(r[k] for k in family + ["code_version"])]) > 1 for _, r in runs.iterrows()]
+    runs["label"] = [label + (f" env:{env[:8] or 'unrecorded'}" if split else "")
+                     for label, env, split in zip(runs["label"], runs["env"], several)]
+    for key, es in envs.items():
+        if len(es) > 1:
+            warnings.append(f"{key[0]}/{key[1]}: **{_label(key[2], key[3], '', False)}** has runs on {len(es)} sets of library "
+                            "versions; they are shown as separate rows (`env:<hash>`), never averaged together.")
     dirty = runs[runs["code_flag"] == "dirty"]
     if not dirty.empty:
         warnings.append("Runs from working trees with uncommitted changes (`-dirty`): " + ", ".join(sorted(set(dirty["label"]))) +
@@ -475,7 +496,7 @@ def build_leaderboard(
     # One finished run per (row, seed): duplicates (e.g. the same trial run against two data
     # roots, or two stores merged) keep the newest and are reported.
     finished = runs[finished_mask].sort_values("end_time")
-    group_cols = family + ["code_version"]
+    group_cols = family + ["code_version", "env"]
     dup = finished.duplicated(group_cols + ["seed"], keep="last")
     if dup.any():
         for _, r in finished[dup].iterrows():
@@ -494,7 +515,7 @@ def build_leaderboard(
     per_class_rows: list[dict[str, Any]] = []
     row_keys: list[tuple] = []
     for key, group in runs.groupby(group_cols, sort=True):
-        suite, dataset, method, variant, version = key
+        suite, dataset, method, variant, version, env = key
         done = finished[(finished[group_cols] == pd.Series(key, index=group_cols)).all(axis=1)].sort_values("seed")
         failed_here = not_finished[(not_finished[group_cols] == pd.Series(key, index=group_cols)).all(axis=1)]
         label = group["label"].iloc[0]
@@ -507,6 +528,7 @@ def build_leaderboard(
             "random_init": bool(group["random_init"].any()) if "random_init" in group else False,
             "n_seeds": len(seeds), "seeds": " ".join(map(str, seeds)),
             "missing_seeds": " ".join(map(str, missing)), "n_failed": len(failed_here),
+            "env": env, "versions": "; ".join(sorted(set(group["versions"]) - {""})),
         }
         store: dict[str, dict[int, float]] = {}
         for metric in QUALITY_METRICS:
@@ -839,6 +861,7 @@ def _suite_blocks(board: Leaderboard, sub: pd.DataFrame) -> list[tuple]:
     if any(r["code_flag"] for _, r in sub.iterrows()):
         out.append(("p", "Flags: † mixed code versions (one row per commit, never averaged together), ‡ uncommitted changes, "
                          "? commit unknown."))
+    out += _versions_blocks(sub)
 
     refs = [m for m in REFERENCE_METRICS if sub[f"reference_{m}"].notna().any()]
     if refs:
@@ -912,6 +935,24 @@ def per_class_whats(pc: pd.DataFrame) -> list[str]:
     present = set(pc["what"]) if not pc.empty else set()
     val = next((w for w in ("val_ms_crf", "val_ms", "val_ss") if w in present), None)
     return [w for w in ("cam", "mask") if w in present] + ([val] if val else [])
+
+
+def _versions_blocks(sub: pd.DataFrame) -> list[tuple]:
+    """The library versions behind a section's rows: one line when every row shares them,
+    else one line per set naming its rows (nothing when no run recorded any)."""
+    by_env: dict[tuple[str, str], list[str]] = {}
+    for _, r in sub.sort_values("label").iterrows():
+        by_env.setdefault((r["env"], r["versions"]), []).append(r["label"])
+    if set(by_env) == {("", "")}:
+        return []
+
+    def text(env: str, versions: str) -> str:
+        return (versions or "not recorded") + (f" (env `{env}`)" if env else "")
+
+    if len(by_env) == 1:
+        return [("p", "Library versions (every row): " + text(*next(iter(by_env))) + ".")]
+    return [("p", "Library versions per row (rows on different versions are never averaged together):"),
+            ("ul", [f"{', '.join(labels)}: {text(*key)}" for key, labels in by_env.items()])]
 
 
 def _flag(row) -> str:
@@ -1122,7 +1163,7 @@ def write_csvs(board: Leaderboard, out_dir: Path) -> None:
 
 PER_CLASS_COLUMNS = ["suite", "dataset", "label", "method", "variant", "code_version", "what", "class", "n", "mean", "std", "ci_low", "ci_high"]
 RUN_COLUMNS = ["experiment", "run_id", "suite", "dataset", "method", "variant", "segmentation", "code_version", "seed", "trial_id",
-               "status", "hardware", "error"]
+               "status", "hardware", "env", "versions", "error"]
 
 
 def leaderboard_columns() -> list[str]:
@@ -1138,7 +1179,7 @@ def leaderboard_columns() -> list[str]:
     for s in COST_STAGES:
         cols += [f"time_{s}_s_mean", f"time_{s}_s_std"]
     cols += [f"device_h_{s}" for s in STAGES] + ["device_h_total", "train_wall_h", "device_kind", "peak_rss_mb", "peak_gpu_mb",
-                                                 "params_total", "gmacs_total", "networks", "hardware", "run_ids"]
+                                                 "params_total", "gmacs_total", "networks", "hardware", "env", "versions", "run_ids"]
     return cols
 
 

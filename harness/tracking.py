@@ -27,6 +27,8 @@ convention, the unsuffixed name uses the suite's default, "present"):
 Tags: ``wsss.trial_id``, ``wsss.method``, ``wsss.dataset``, ``wsss.suite``, ``wsss.seed``,
 ``wsss.status`` (running / finished / failed), ``wsss.code_version``, ``wsss.git_commit``, ``wsss.code_tree``,
 ``wsss.torch``, ``wsss.timm``, ``wsss.hardware``, ``wsss.stage_status`` (e.g. train_seg=fused).
+``wsss.lib.<library>`` (result-deciding library versions) and ``wsss.env`` (their hash): see
+harness/environment.py.
 Params: the resolved trial config flattened (``method.*``, ``dataset.*``, ``eval.*``, ``seed``).
 """
 
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from harness.config import TrialSpec
+from harness.environment import environment_tags
 from harness.errors import TrackingError
 
 EXPERIMENT_PREFIX = "wsss-bench/"
@@ -241,6 +244,7 @@ class Tracker:
             STATUS_TAG: "running",
             "wsss.hardware": hardware(device),
             **code_version(),
+            **environment_tags(device),  # wsss.lib.<library> versions and their hash wsss.env
         }
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id

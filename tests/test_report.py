@@ -342,3 +342,32 @@ def test_runs_group_by_code_tree_not_by_commit(tmp_path):
     # an oracle threshold at the end of the sweep is flagged: the optimum may lie past it
     edge = [w for w in board.warnings if "upper end" in w]
     assert len(edge) == 1 and "zeta [aaf=false]" in edge[0] and "seed(s) 0;" in edge[0]
+
+
+def test_runs_on_different_library_versions_are_separate_rows_naming_them(tmp_path):
+    """Same code tree and seeds, two torch versions (tag ``wsss.env``): two rows, never one mean,
+    each naming its versions (a newer torch changes the numbers; issue 17 item 13)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("wsss-bench/envs", artifact_location=(tmp_path / "art").as_uri())
+    old = {"wsss.lib.torch": "2.4.0", "wsss.lib.numpy": "1.26.4", "wsss.lib.mlflow": "3.0.0", "wsss.env": "aaaaaaaaaaaa"}
+    new = {"wsss.lib.torch": "2.14.1+cu130", "wsss.lib.numpy": "1.26.4", "wsss.lib.mlflow": "3.17.2", "wsss.env": "bbbbbbbbbbbb"}
+    for seed, libs, value in ((0, old, 20.0), (1, old, 22.0), (0, new, 18.0), (1, new, 19.0)):
+        tags = {"wsss.trial_id": f"e{seed}", "wsss.method": "afa", "wsss.dataset": "synthetic", "wsss.suite": "envs",
+                "wsss.seed": str(seed), "wsss.status": "finished", "wsss.code_tree": "t1", **libs}
+        rid = client.create_run(exp, tags=tags).info.run_id
+        client.log_metric(rid, "mask_miou", value)
+        client.set_terminated(rid)
+    board = report.build_leaderboard(report.fetch_runs(uri), {})
+    a, b = row(board, "afa env:aaaaaaaa", suite="envs"), row(board, "afa env:bbbbbbbb", suite="envs")
+    # means of each environment's seeds: (20 + 22) / 2 and (18 + 19) / 2; never (20 + 22 + 18 + 19) / 4 = 19.75
+    assert (a["n_seeds"], a["mask_miou_mean"], b["n_seeds"], b["mask_miou_mean"]) == (2, 21.0, 2, 18.5)
+    assert (a["env"], a["versions"]) == ("aaaaaaaaaaaa", "torch 2.4.0, numpy 1.26.4")  # mlflow: bookkeeping, not shown
+    assert b["versions"] == "torch 2.14.1+cu130, numpy 1.26.4"
+    assert any("2 sets of library versions" in w for w in board.warnings)
+    assert not any("more than one finished run" in w for w in board.warnings)  # seed 0 twice, but in two rows
+    md = report.to_markdown(board)
+    assert "- afa env:aaaaaaaa: torch 2.4.0, numpy 1.26.4 (env `aaaaaaaaaaaa`)" in md
+    assert "- afa env:bbbbbbbb: torch 2.14.1+cu130, numpy 1.26.4 (env `bbbbbbbbbbbb`)" in md
