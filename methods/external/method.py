@@ -192,6 +192,10 @@ class External(Method):
             refined.append(torch.tensor(present)[torch.from_numpy(out)])
         return torch.stack(refined).to(masks.device)
 
+    def train_seg(self, train: SampleSource, ctx: StageContext) -> None:
+        """Nothing to train: predictions are read (without them the harness trains its
+        common segmentation recipe instead and never calls this)."""
+
     @torch.no_grad()
     def segment(self, images: torch.Tensor, multiscale: bool = False, ids: list[str] | None = None) -> torch.Tensor:
         """Read predictions as one-hot logits (``PREDICTION_LOGIT`` for the read class; a
