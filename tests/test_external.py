@@ -244,3 +244,33 @@ def test_predictions_and_masks_from_png(tmp_path):
     with pytest.raises(ExternalFileError, match=r"bad.png holds values \[4\]"):
         read_label_png(tmp_path / "bad.png", 3, (2, 2))
     assert not _external(tmp_path).has_segmenter  # no predictions: the harness's common recipe segments
+
+
+def test_threshold_recipe_with_crf_keeps_present_classes(tmp_path):
+    """pseudo_crf=true: the threshold masks (class a at 0.9 > 0.35 on the left column, background
+    on the right) refined by the dense CRF; labels stay in {background, present classes}."""
+    cams = torch.tensor([[[[0.9, 0.0], [0.9, 0.0]], [[0.0] * 2] * 2, [[0.0] * 2] * 2]])
+    labels = torch.tensor([[1.0, 0.0, 0.0]])
+    masks = _external(tmp_path, pseudo_crf=True).pseudo_masks(torch.zeros(1, 3, 2, 2), cams, labels, ids=["x"])
+    assert masks.shape == (1, 2, 2) and set(masks.flatten().tolist()) <= {0, 1}
+    assert _external(tmp_path).pseudo_masks(torch.zeros(1, 3, 2, 2), cams, labels, ids=["x"])[0].tolist() == [[1, 0], [1, 0]]
+
+
+def test_export_of_an_unknown_trial_is_a_clean_error(tmp_path, capsys):
+    assert main(["export-cams", "--results", str(tmp_path), "--trial", "abc123", "--out", str(tmp_path / "out")]) == 2
+    assert "No trial 'abc123'" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cams_without_predictions_train_the_common_segmenter(tmp_path):
+    """No predictions: train_seg trains harness/common_seg.py (here the suite's 1-epoch recipe)
+    on the threshold pseudo masks, and segment evaluates it."""
+    suite = tmp_path / "ext-suite.toml"
+    suite.write_text('[suite]\ndataset = "synthetic"\n[eval.common_segmentation]\nepochs = 1\ncrop = 64\nbatch_size = 6\n')
+    cams = _blank_cams(tmp_path / "cams")
+    assert main(["run", "--methods", "external", "--suite", str(suite), "--seeds", "0", "--results", str(tmp_path / "r"), *DATA,
+                 f"external.cams={cams}"]) == 0
+    (trial,) = (tmp_path / "r" / "trials").iterdir()
+    state = json.loads((trial / "state.json").read_text())["stages"]
+    assert state["train_seg"]["status"] == "common" and "params_common_seg" in state["train_seg"]["metrics"]
+    assert (trial / "checkpoints" / "common_seg.pt").is_file() and "val_miou_ss" in state["segment"]["metrics"]
