@@ -388,7 +388,15 @@ def cmd_export_cams(args) -> int:
     if not (root / "spec.json").is_file():
         raise ResultsError(f"No trial {args.trial!r} in {results / 'trials'} (no spec.json). `wsss-bench status --results {results}` lists the trials.")
     spec = TrialSpec.from_dict(json.loads((root / "spec.json").read_text()))
+    from harness.backends import plugin_list
+    from harness.backends.worker import load_plugins
     from harness.runner import TrialRunner
+    from methods import load_all
+
+    load_plugins(plugin_list())  # a trial of a method registered by WSSS_PLUGINS
+    if spec.method not in load_all():
+        raise ConfigError(f"Trial {args.trial} is of method {spec.method!r}, which is not registered here; "
+                          "set WSSS_PLUGINS to the module that registers it.")
 
     runner = TrialRunner(spec, results, device=args.device)
     done = set(TrialDir(results, spec).records())

@@ -193,6 +193,8 @@ def test_irn_weaktr_dense_and_background_based_layouts(tmp_path):
     _save_pickle(tmp_path / "bg.npy", {0: high[0], 3: high[0]})
     classes, _ = read_cam_file(tmp_path / "bg.npy", 3, class_index_base=1)
     assert classes.tolist() == [2]
+    np.save(tmp_path / "dense3.npy", np.zeros((3, 2, 2), np.float32))  # dense: channel c is class c, whatever the base
+    assert read_cam_file(tmp_path / "dense3.npy", 3, class_index_base=1)[0].tolist() == [0, 1, 2]
     np.save(tmp_path / "dense.npy", np.zeros((4, 2, 2), np.float32))  # C + 1 channels: background included
     with pytest.raises(ExternalFileError, match="drop the background channel"):
         read_cam_file(tmp_path / "dense.npy", 3)

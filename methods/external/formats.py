@@ -108,9 +108,11 @@ def read_cam_file(path: Path, num_classes: int, class_index_base: int = 0) -> tu
 
     A dense ``(C, H, W)`` array gives every class (absent ones are checked by the caller).
     ``class_index_base``: 0 when the file's class indices are foreground indices (IRN,
-    WeakTr, the harness), 1 when they count background as 0 (a key 0 is then skipped).
+    WeakTr, the harness), 1 when they count background as 0 (a key 0 is then skipped);
+    it does not apply to dense arrays (channel c is class c).
     Raises ExternalFileError naming the file for anything it cannot interpret.
     """
+    base = class_index_base
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
@@ -120,13 +122,14 @@ def read_cam_file(path: Path, num_classes: int, class_index_base: int = 0) -> tu
         else:
             content = _load_npy(path)
             classes, maps = _cam_content(content, path, num_classes)
+            base = 0 if isinstance(content, np.ndarray) else base  # a dense array's channels are the classes
     except ExternalFileError:
         raise
     except Exception as exc:  # noqa: BLE001 - numpy / pickle raise many types for a bad file
         raise ExternalFileError(f"CAM file {path} cannot be read: {exc}.") from None
-    classes = _to_numpy(classes).astype(np.int64).reshape(-1) - class_index_base
+    classes = _to_numpy(classes).astype(np.int64).reshape(-1) - base
     maps = _to_numpy(maps).astype(np.float32)
-    if class_index_base:
+    if base:
         keep = classes >= 0  # a background entry is not a class map
         classes, maps = classes[keep], maps[keep] if maps.ndim == 3 and maps.shape[0] == keep.size else maps
     if maps.ndim == 2 and classes.size == 1:
