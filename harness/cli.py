@@ -2,8 +2,8 @@
 
     wsss-bench run --methods cam,weaktr --dataset synthetic [--seeds 0,1,2] [key=value ...]
     wsss-bench report [--suite NAME ...]
-    wsss-bench list
     wsss-bench export-cams --trial ID --out DIR [--format npz|dense|irn|weaktr]
+    wsss-bench list
 """
 
 from __future__ import annotations
@@ -68,18 +68,18 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list methods, datasets and suites")
 
-    status = sub.add_parser("status", help="each trial's state from SLURM, worker heartbeats and MLflow")
-    _common(status)
-    status.add_argument("--suite", action="append", help="only trials of these suites (repeatable)")
-    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    status.add_argument("--stop-server", action="store_true", help="stop the results directory's detached MLflow tracking server")
-
     export = sub.add_parser("export-cams", help="write a finished trial's CAMs (+ pseudo masks, predictions) as files `--methods external` reads")
     _common(export)
     export.add_argument("--trial", required=True, help="trial id (see `wsss-bench status` or results/trials/)")
     export.add_argument("--out", required=True, help="output directory: cams/, masks/, predictions/ are written in it")
     export.add_argument("--format", default="npz", choices=["npz", "dense", "irn", "weaktr"], help="CAM file layout (default npz)")
     export.add_argument("--device", default="cpu", help="device the CAMs are recomputed on (default cpu)")
+
+    status = sub.add_parser("status", help="each trial's state from SLURM, worker heartbeats and MLflow")
+    _common(status)
+    status.add_argument("--suite", action="append", help="only trials of these suites (repeatable)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--stop-server", action="store_true", help="stop the results directory's detached MLflow tracking server")
     return parser
 
 
