@@ -242,6 +242,10 @@ def test_predictions_and_masks_from_png(tmp_path):
     assert method.pseudo_masks(images, torch.zeros(1, 3, 2, 2), torch.ones(1, 3), ids=["v"])[0].tolist() == [[0, 3], [255, 1]]
     with pytest.raises(NoPrediction):
         method.segment(images, ids=["w"])
+    palette = Image.fromarray(pred, mode="P")  # a palette PNG is read as its indices, not its colours
+    palette.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [255, 255, 255] * 252)
+    palette.save(tmp_path / "p.png")
+    assert np.array_equal(read_label_png(tmp_path / "p.png", 3, (2, 2)), pred)
     Image.fromarray(np.array([[0, 4], [0, 0]], np.uint8), mode="L").save(tmp_path / "bad.png")
     with pytest.raises(ExternalFileError, match=r"bad.png holds values \[4\]"):
         read_label_png(tmp_path / "bad.png", 3, (2, 2))
@@ -268,10 +272,10 @@ def test_cams_without_predictions_train_the_common_segmenter(tmp_path):
     """No predictions: train_seg trains harness/common_seg.py (here the suite's 1-epoch recipe)
     on the threshold pseudo masks, and segment evaluates it."""
     suite = tmp_path / "ext-suite.toml"
-    suite.write_text('[suite]\ndataset = "synthetic"\n[eval.common_segmentation]\nepochs = 1\ncrop = 64\nbatch_size = 6\n')
     cams = _blank_cams(tmp_path / "cams")
-    assert main(["run", "--methods", "external", "--suite", str(suite), "--seeds", "0", "--results", str(tmp_path / "r"), *DATA,
-                 f"external.cams={cams}"]) == 0
+    suite.write_text('[suite]\ndataset = "synthetic"\n[eval.common_segmentation]\nepochs = 1\ncrop = 64\nbatch_size = 6\n'
+                     f'[methods.external]\nname = "blank"\ncams = "{cams}"\n')  # the directory from the suite's table
+    assert main(["run", "--methods", "external", "--suite", str(suite), "--seeds", "0", "--results", str(tmp_path / "r"), *DATA]) == 0
     (trial,) = (tmp_path / "r" / "trials").iterdir()
     state = json.loads((trial / "state.json").read_text())["stages"]
     assert state["train_seg"]["status"] == "common" and "params_common_seg" in state["train_seg"]["metrics"]
