@@ -2,6 +2,7 @@
 
     wsss-bench run --methods cam,weaktr --dataset synthetic [--seeds 0,1,2] [key=value ...]
     wsss-bench report [--suite NAME ...]
+    wsss-bench export-cams --trial ID --out DIR [--format npz|dense|irn|weaktr]
     wsss-bench list
     wsss-bench weights list | fetch [NAMES]
 """
@@ -68,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list methods, datasets and suites")
 
+    export = sub.add_parser("export-cams", help="write a finished trial's CAMs (+ pseudo masks, predictions) as files `--methods external` reads")
+    _common(export)
+    export.add_argument("--trial", required=True, help="trial id (see `wsss-bench status` or results/trials/)")
+    export.add_argument("--out", required=True, help="output directory: cams/, masks/, predictions/ are written in it")
+    export.add_argument("--format", default="npz", choices=["npz", "dense", "irn", "weaktr"], help="CAM file layout (default npz)")
+    export.add_argument("--device", default="cpu", help="device the CAMs are recomputed on (default cpu)")
+
     status = sub.add_parser("status", help="each trial's state from SLURM, worker heartbeats and MLflow")
     _common(status)
     status.add_argument("--suite", action="append", help="only trials of these suites (repeatable)")
@@ -122,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("mlflow", "alembic"):  # schema-migration chatter on a new store
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        return {"run": cmd_run, "report": cmd_report, "list": cmd_list, "status": cmd_status, "weights": cmd_weights}[args.command](args)
+        return {"run": cmd_run, "report": cmd_report, "list": cmd_list, "status": cmd_status, "weights": cmd_weights,
+                "export-cams": cmd_export_cams}[args.command](args)
     except WsssError as exc:
         console.print(f"[bold red]{type(exc).__name__}:[/] {escape(str(exc))}", soft_wrap=True)
         return 2
@@ -404,6 +413,89 @@ def cmd_status(args) -> int:
             console.print(f"[red]{s.method} seed {s.seed} ({s.trial_id}):[/] {escape(s.error.splitlines()[0][:300])}", soft_wrap=True)
     if server is not None:
         console.print(f"MLflow tracking server: {server.uri} (pid {server.pid}); `wsss-bench status --stop-server` stops it.")
+    return 0
+
+
+def cmd_export_cams(args) -> int:
+    """A finished trial's CAMs of its cam-eval and train images, recomputed in float32 from
+    the train_cam checkpoint exactly as the cams stage computed them (same batches, seed and
+    device), its pseudo masks (copied) and its single-scale val predictions (recomputed), as
+    the files ``--methods external`` reads: evaluating them gives the same CAM, mask and
+    val-SS mIoU, bit for bit on the same machine and device."""
+    import json
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from harness.config import TrialSpec
+    from harness.runner import _ids, _size_groups, build_method, seed_everything
+    from harness.trial import STAGES, TrialDir
+    from harness.visualize import save_label_png
+    from methods.base import stack_samples
+    from methods.external.formats import write_cam_file
+
+    results = _results_dir(args.results)
+    root = results / "trials" / args.trial
+    if not (root / "spec.json").is_file():
+        raise ResultsError(f"No trial {args.trial!r} in {results / 'trials'} (no spec.json). `wsss-bench status --results {results}` lists the trials.")
+    spec = TrialSpec.from_dict(json.loads((root / "spec.json").read_text()))
+    from harness.backends import plugin_list
+    from harness.backends.worker import load_plugins
+    from harness.runner import TrialRunner
+    from methods import load_all
+
+    load_plugins(plugin_list())  # a trial of a method registered by WSSS_PLUGINS
+    if spec.method not in load_all():
+        raise ConfigError(f"Trial {args.trial} is of method {spec.method!r}, which is not registered here; "
+                          "set WSSS_PLUGINS to the module that registers it.")
+
+    runner = TrialRunner(spec, results, device=args.device)
+    done = set(TrialDir(results, spec).records())
+    checkpoint = runner.dir.checkpoint_path("train_cam")
+    if "cams" not in done or not checkpoint.is_file():
+        raise ResultsError(f"Trial {args.trial} has no finished cams stage with a train_cam checkpoint ({checkpoint}); finish it first (run the same command again).")
+    out = Path(args.out).expanduser().resolve()
+    for sub_dir in ("cams", "masks", "predictions"):
+        (out / sub_dir).mkdir(parents=True, exist_ok=True)
+    method = build_method(spec, runner.dataset, runner.device)
+    method.load_state_dict(torch.load(checkpoint, map_location=runner.device, weights_only=True))
+    ev, C = spec.eval, runner.dataset.info.num_classes
+    seed_everything(spec.seed * 100 + STAGES.index("cams"))  # as the runner seeds the cams stage
+    cam_eval, train = runner.split("cam_eval"), runner.split("train")
+    passes = [(cam_eval, runner._limited(cam_eval, ev["max_cam_eval"])), (train, list(range(len(train))))]  # the runner's batches
+    written: set[str] = set()
+    for split, indices in passes:
+        for batch in _size_groups(split, indices, ev["batch_size"]):
+            if all(s.id in written for s in batch):
+                continue
+            images, labels = stack_samples(batch)
+            with torch.no_grad():
+                cams = method.cams(images.to(runner.device), labels.to(runner.device), **_ids(method, batch)).float().cpu().numpy()
+            for sample, cam in zip(batch, cams):
+                if sample.id not in written:
+                    present = np.flatnonzero(sample.labels > 0)
+                    write_cam_file(out / "cams", sample.id, present, cam[present], C, args.format)
+                    written.add(sample.id)
+    masks = sorted((root / "pseudo").glob("*.png")) if "pseudo_masks" in done else []
+    for path in masks:
+        shutil.copyfile(path, out / "masks" / path.name)
+    predicted = 0
+    if "segment" in done:
+        val = runner.split("val")
+        for batch in _size_groups(val, runner._limited(val, ev["max_val"]), ev["batch_size"]):
+            images, _ = stack_samples(batch)
+            segmenter = runner._segmenter()
+            with torch.no_grad():
+                preds = segmenter.segment(images.to(runner.device), multiscale=False, **_ids(segmenter, batch)).argmax(1).cpu().numpy()
+            for sample, pred in zip(batch, preds):
+                save_label_png(pred.astype(np.uint8), out / "predictions" / f"{sample.id}.png")
+                predicted += 1
+    console.print(f"Trial {args.trial} ({escape(spec.label)}): {len(written)} CAM file(s) ({args.format}), {len(masks)} pseudo mask(s), "
+                  f"{predicted} prediction(s) -> {out}", soft_wrap=True)
+    console.print(f"Evaluate them: wsss-bench run --methods external --suite {escape(spec.suite)} --seeds {spec.seed} "
+                  f"external.name=NAME external.cams={out / 'cams'}" + (f" external.masks={out / 'masks'}" if masks else "")
+                  + (f" external.predictions={out / 'predictions'}" if predicted else ""), soft_wrap=True)
     return 0
 
 

@@ -28,7 +28,7 @@ from harness.trial import STAGES, StageRecord, TrialDir
 from harness.visualize import heatmap, load_label_png, save_label_png, save_rgb_png
 from methods import load_all
 from methods.common.crf import dense_crf_many
-from methods.base import Method, Sample, StageContext, stack_samples, to_uint8_image
+from methods.base import Method, NoPrediction, Sample, StageContext, stack_samples, to_uint8_image
 
 # (stage, done, total) progress callback; done == total == 0 announces a stage start.
 ProgressFn = Callable[[str, int, int], None]
@@ -111,6 +111,11 @@ def flat_metrics(records: dict[str, StageRecord]) -> dict[str, float]:
             out[f"peak_gpu_{stage}_mb"] = record.peak_gpu_mb
     out["time_total_s"] = sum(r.wall_s for r in records.values())
     return out
+
+
+def _ids(target, batch: Sequence[Sample]) -> dict[str, list[str]]:
+    """``ids=`` for a method that asks for sample ids (``Method.wants_ids``), else nothing."""
+    return {"ids": [s.id for s in batch]} if getattr(target, "wants_ids", False) else {}
 
 
 def _size_groups(split: Split, indices: Sequence[int], batch_size: int) -> Iterator[list[Sample]]:
@@ -215,7 +220,7 @@ class TrialRunner:
         for batch in _size_groups(split, self._limited(split, ev["max_cam_eval"]), ev["batch_size"]):
             images, labels = stack_samples(batch)
             with torch.no_grad():
-                cams = self.method.cams(images.to(self.device), labels.to(self.device)).float().cpu()
+                cams = self.method.cams(images.to(self.device), labels.to(self.device), **_ids(self.method, batch)).float().cpu()
             sweep.update(cams, labels, torch.from_numpy(np.stack([s.mask for s in batch]).astype(np.int64)))
         return sweep.compute().best_miou * 100
 
@@ -259,7 +264,7 @@ class TrialRunner:
         for batch in _size_groups(split, indices, ev["batch_size"]):
             images, labels = stack_samples(batch)
             with torch.no_grad():
-                cams = self.method.cams(images.to(self.device), labels.to(self.device)).float().cpu()
+                cams = self.method.cams(images.to(self.device), labels.to(self.device), **_ids(self.method, batch)).float().cpu()
             self._check_cams(cams, images, labels)
             targets = torch.from_numpy(np.stack([s.mask for s in batch]).astype(np.int64))
             sweep.update(cams, labels, targets)
@@ -327,8 +332,8 @@ class TrialRunner:
                 if all(c is not None for c in stored):
                     cams = torch.stack(stored).to(self.device)
                 else:
-                    cams = self.method.cams(images, labels)
-                masks = self.method.pseudo_masks(images, cams, labels).cpu()
+                    cams = self.method.cams(images, labels, **_ids(self.method, batch))
+                masks = self.method.pseudo_masks(images, cams, labels, **_ids(self.method, batch)).cpu()
             self._check_masks(masks, images)
             for sample, mask in zip(batch, masks):
                 arr = mask.numpy().astype(np.uint8)
@@ -362,8 +367,13 @@ class TrialRunner:
         if bad.numel():
             raise RuntimeError(f"method {self.spec.method!r}: pseudo_masks() returned values {sorted(set(bad.tolist()))[:5]} outside {{0..{C}, 255}}")
 
+    def _common_seg_config(self) -> CommonSegConfig | None:
+        """The suite's common recipe, or its defaults for a method without a segmenter."""
+        config = common_seg_config(self.eval)
+        return config if config is not None or self.method.has_segmenter else CommonSegConfig()
+
     def _stage_train_seg(self):
-        common = common_seg_config(self.eval)
+        common = self._common_seg_config()
         if common is not None:  # the harness's shared recipe instead of the method's own
             return self._train_common_seg(common)
         method = self.method
@@ -385,7 +395,7 @@ class TrialRunner:
 
     def _segmenter(self):
         """What the segment stage evaluates: the method, or the common segmenter."""
-        config = common_seg_config(self.eval)
+        config = self._common_seg_config()
         if config is None:
             return self.method
         if getattr(self, "_common_segmenter", None) is None:
@@ -411,9 +421,10 @@ class TrialRunner:
             images = images.to(self.device)
             targets = torch.from_numpy(np.stack([s.mask for s in batch]).astype(np.int64))
             with torch.no_grad():
-                logits = {"ss": self._segmenter().segment(images, multiscale=False).float().cpu()}
+                ids = _ids(self._segmenter(), batch)
+                logits = {"ss": self._segmenter().segment(images, multiscale=False, **ids).float().cpu()}
                 if "ms" in protocols or "ms_crf" in protocols:
-                    logits["ms"] = self._segmenter().segment(images, multiscale=True).float().cpu()
+                    logits["ms"] = self._segmenter().segment(images, multiscale=True, **ids).float().cpu()
             for name in ("ss", "ms"):
                 if name in metrics_by:
                     metrics_by[name].update(logits[name].argmax(1), targets)
@@ -459,6 +470,10 @@ class TrialRunner:
                 continue
             sample = split[index]
             images, _ = stack_samples([sample])
-            with torch.no_grad():
-                pred = self._segmenter().segment(images.to(self.device), multiscale=False).argmax(1)[0].cpu().numpy()
+            try:
+                with torch.no_grad():
+                    pred = self._segmenter().segment(images.to(self.device), multiscale=False, **_ids(self._segmenter(), [sample]))
+            except NoPrediction:  # e.g. predictions read from files exist for val images only
+                continue
+            pred = pred.argmax(1)[0].cpu().numpy()
             save_label_png(pred.astype(np.uint8), self.dir.root / "gallery" / f"{sample.id}_pred.png")

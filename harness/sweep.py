@@ -19,6 +19,7 @@ from harness.tracking import Tracker
 from harness.trial import STAGES, TrialDir
 from harness.weights import check_sweep_weights
 from methods import load_all
+from methods.base import Method
 
 
 def plan_trials(
@@ -42,10 +43,11 @@ def plan_trials(
             raise ConfigError(f"Override scope `{scope}.` is neither a selected method ({', '.join(methods)}) nor `dataset.` / `eval.`.{suggest(scope, list(methods) + ['dataset', 'eval'])}")
     root = data_root or suite.data_root
     options = _dataset_options(suite, overrides)
-    create_dataset(suite.dataset, Path(root) if root else None, cache_dir, dict(options))  # fail fast on bad data
+    dataset = create_dataset(suite.dataset, Path(root) if root else None, cache_dir, dict(options))  # fail fast on bad data
     eval_values = {**dataclasses.asdict(_eval_config(suite, overrides))}
     common_seg_config(eval_values)  # a typo in the shared segmentation recipe fails here
     configs = {name: _method_config(name, registry[name], suite, overrides) for name in methods}
+    configs = {name: _check_inputs(name, registry[name], config, dataset, suite, eval_values) for name, config in configs.items()}
     _check_shared_overrides(overrides, registry, methods)
     check_sweep_weights(suite, overrides, {m: registry[m] for m in methods}, configs, real_data=root is not None)
     specs = []
@@ -98,6 +100,23 @@ def _method_config(name: str, cls: type, suite: Suite, overrides: Overrides) -> 
     values.update(overrides.methods.get(name, {}))
     config = build_method_config(cls.Config, values, f"method `{name}`")
     return config.to_dict()
+
+
+def _check_inputs(name: str, cls: type, config: dict[str, Any], dataset, suite: Suite, eval_values: dict[str, Any]) -> dict[str, Any]:
+    """``Method.check_inputs`` with the ids each role's stage will ask for (the cam-eval and
+    val splits cut to ``max_cam_eval`` / ``max_val`` as the runner cuts them): a method that
+    reads files made elsewhere checks them before any trial runs, and may complete its config."""
+    if cls.check_inputs.__func__ is Method.check_inputs.__func__:
+        return config  # the default accepts everything: do not list split ids for nothing
+    splits = {role: dataset.split(suite.splits.get(role) or dataset.default_splits()[role]).ids for role in ("train", "cam_eval", "val")}
+    split_ids = {"train": list(splits["train"]), "known": sorted(set().union(*splits.values())),
+                 "cam_eval": sorted(splits["cam_eval"])[: eval_values["max_cam_eval"] or None],
+                 "val": sorted(splits["val"])[: eval_values["max_val"] or None]}
+    try:
+        checked = cls.check_inputs(build_method_config(cls.Config, config, f"method `{name}`"), dataset.info, split_ids)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"method `{name}`: {exc}") from None
+    return checked.to_dict()
 
 
 def _check_shared_overrides(overrides: Overrides, registry: dict, methods: list[str]) -> None:
@@ -160,6 +179,9 @@ def execute_trial(
         # directory was removed (a complete directory without a run is re-logged below).
         return TrialOutcome(spec, "skipped", run_id=finished)
     run_id = tracker.open_trial_run(spec, parent_run_id, device)
+    row_name = load_all()[spec.method].row_name(spec.method_config)
+    if row_name != spec.method:  # a method that names its rows from its config
+        tracker.client.set_tag(run_id, "wsss.method", row_name)
     runner = TrialRunner(spec, results_dir, device=device, progress=progress, stop_after=stop_after,
                          log_metric=lambda name, value, step: tracker.log_metric_points(run_id, [(name, value, step)]))
     try:

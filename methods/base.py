@@ -125,12 +125,39 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
+class NoPrediction(LookupError):
+    """Raised by ``segment`` of a method that has no output for an image (one that reads
+    predictions made elsewhere has none for training images): the harness leaves such an
+    image out where it is optional (the gallery) and fails the trial where it is not."""
+
+
 class Method(abc.ABC):
     """Base class of every WSSS method. See the module docstring for the stage contract."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     fused_segmentation: ClassVar[bool] = False
+    # True: the harness also passes ``ids=[sample id per image]`` to cams / pseudo_masks /
+    # segment (a method that reads per-image files made elsewhere needs them).
+    wants_ids: ClassVar[bool] = False
+    # False (may be set per instance): the method has no segmentation network; the harness
+    # trains and evaluates its common recipe (harness/common_seg.py) in train_seg / segment.
+    has_segmenter: bool = True
+
+    @classmethod
+    def check_inputs(cls, config: MethodConfig, dataset: DatasetInfo, split_ids: dict[str, list[str]]) -> MethodConfig:
+        """Called once when a sweep is planned, before any trial runs. ``split_ids``: role
+        (``train``, ``cam_eval``, ``val``) -> the ids the trial will ask for, and ``known``
+        -> every id of those splits. A method that reads files made elsewhere checks them
+        here and returns its config completed (e.g. with a hash of the files, which then is
+        part of the trial's identity). Raise ValueError naming the file: the sweep stops
+        with that message (exit code 2)."""
+        return config
+
+    @classmethod
+    def row_name(cls, config: dict[str, Any]) -> str:
+        """The name of this method's rows in MLflow (``wsss.method``) and the report."""
+        return cls.name
 
     def __init__(self, config: MethodConfig, dataset: DatasetInfo, device: torch.device) -> None:
         self.config = config
