@@ -32,11 +32,12 @@ from methods.afa.model import AFANet
 from methods.afa.par import PAR
 from methods.base import CRFParams, DatasetInfo, Method, MethodConfig, SampleSource, StageContext, register
 from methods.common.loop import ResumableLoop
+from methods.common.precision import Precision, PrecisionOptions
 from methods.common.training import CropAugment, mask_absent, normalize, resize_to, seeded, set_lr
 
 
 @dataclass
-class AFAConfig(MethodConfig):
+class AFAConfig(MethodConfig, PrecisionOptions):
     """Hyper-parameters; defaults are the fast synthetic recipe (``benchmarks/*.toml`` have the
     paper's). Iteration counts are optimiser steps."""
 
@@ -140,7 +141,8 @@ class AFA(Method):
         super().__init__(config, dataset, device)
         if config.pseudo_mask_mode not in ("rw", "par", "cam"):
             raise ValueError(f"pseudo_mask_mode must be rw, par or cam, not {config.pseudo_mask_mode!r}")
-        self.net = self._build_net().to(device)
+        self.precision = Precision.of(config, device)  # bf16 / channels_last / compile
+        self.net = self.precision.module(self._build_net().to(device))
         self.net.eval()
         self.par = PAR(config.par_dilations, config.par_iters, config.par_w1, config.par_w2).to(device)
 
@@ -184,12 +186,12 @@ class AFA(Method):
                 xs = x if scale == 1.0 else F.interpolate(x, size=scaled_size((H, W), scale), mode="bilinear", align_corners=False)
                 if affinity and scale == largest and aff is None:
                     # The affinity of the unflipped images only: run the two halves apart.
-                    plain = self.net(xs, seg=False, affinity=True)
-                    flipped = self.net(xs.flip(-1), seg=False, affinity=False)
+                    plain = self.precision.forward(self.net, xs, seg=False, affinity=True)
+                    flipped = self.precision.forward(self.net, xs.flip(-1), seg=False, affinity=False)
                     aff, grid = plain.affinity, plain.grid
                     cam = torch.cat([plain.cam, flipped.cam])
                 else:
-                    cam = self.net(torch.cat([xs, xs.flip(-1)]), seg=False, affinity=False).cam
+                    cam = self.precision.forward(self.net, torch.cat([xs, xs.flip(-1)]), seg=False, affinity=False).cam
                 cam = resize_to(cam, (H, W))
                 total += F.relu(torch.maximum(cam[:B], cam[B:].flip(-1)))
         flat = total.flatten(2)
@@ -229,7 +231,8 @@ class AFA(Method):
         cfg = self.config
         images, labels, valid = images.to(self.device), labels.to(self.device), valid.to(self.device)
         phase = schedule_phase(step, cfg.cls_warmup_iters, cfg.rw_switch_iter)
-        out = self.net(normalize(images), seg=True, affinity=phase != "cls")
+        # float32 outputs (bf16 autocast inside): the losses run in float32
+        out = self.precision.forward(self.precision.train_forward(self.net), normalize(images), seg=True, affinity=phase != "cls")
         loss = classification_loss(out.logits, labels)
         losses = {"cls": loss.detach()}
         if phase == "cls":
@@ -282,7 +285,7 @@ class AFA(Method):
         size = scaled_size(tuple(images.shape[-2:]), max(cfg.cam_scales))
         x = normalize(images)
         x = x if size == tuple(x.shape[-2:]) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        out = self.net(x, seg=False, affinity=True)
+        out = self.precision.forward(self.net, x, seg=False, affinity=True)
         return random_walk_label(
             self.par, images, cams, out.affinity, out.grid, labels, None, cfg.bg_high, cfg.bg_low,
             cfg.aff_radius, cfg.rw_alpha, cfg.rw_eps, cfg.par_downscale,
@@ -299,12 +302,12 @@ class AFA(Method):
         B, _, H, W = images.shape
         x = normalize(images)
         if not multiscale:
-            return resize_to(self.net(x, affinity=False).seg, (H, W))
+            return resize_to(self.precision.forward(self.net, x, affinity=False).seg, (H, W))
         best = None
         for scale in cfg.test_scales:
             xs = x if scale == 1.0 else F.interpolate(x, size=scaled_size((H, W), scale), mode="bilinear", align_corners=False)
             batch = torch.cat([xs, xs.flip(-1)]) if cfg.test_flip else xs
-            seg = resize_to(self.net(batch, affinity=False).seg, (H, W))
+            seg = resize_to(self.precision.forward(self.net, batch, affinity=False).seg, (H, W))
             if cfg.test_flip:
                 seg = 0.5 * (seg[:B] + seg[B:].flip(-1))
             best = seg if best is None else torch.maximum(best, seg)
