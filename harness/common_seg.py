@@ -17,6 +17,10 @@ epochs, batch size, loss (cross-entropy, 255 ignored), test protocol (single sca
 the trial seed, so method A's seed s and method B's seed s see the same batches in the same
 order with the same augmentation draws.
 
+Precision options (``bf16``, ``channels_last``, ``compile``; all off by default): the fields of
+:class:`methods.common.precision.PrecisionOptions`, set in the ``[eval.common_segmentation]``
+table like any other field (a bare ``bf16=true`` override reaches the methods, not this table).
+
 Architectures:
 
 * ``deeplab_lite_<vit>`` (default ``deeplab_lite_vit_synth``): a ViT from
