@@ -229,3 +229,23 @@ def test_compiled_training_forward_runs_on_cpu(tmp_path: Path):
     method.train_cam(split, ctx)
     images, labels = _images(split[:2])
     _finite_float32(method.cams(images, labels), (2, 3, 48, 48))
+
+
+def test_one_bare_override_sets_bf16_for_every_method():
+    """`wsss-bench run ... bf16=true`: the bare key reaches every selected method's config."""
+    from harness.config import load_suite, parse_overrides
+    from harness.sweep import _method_config
+
+    suite, overrides = load_suite("synthetic"), parse_overrides(["bf16=true"])
+    for name in ("weaktr", "afa", "adcam", "cam"):
+        values = _method_config(name, METHODS[name], suite, overrides)
+        assert values["bf16"] is True and values["channels_last"] is False and values["compile"] is False, name
+
+
+def test_bf16_on_a_gpu_without_bfloat16_is_refused_with_the_device_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "TITAN X (Pascal)")
+    with pytest.raises(ValueError, match=r"bf16=true: the CUDA device TITAN X \(Pascal\) has no native bfloat16"):
+        Precision.of(PrecisionOptions(bf16=True), torch.device("cuda"))
+    assert not Precision.of(PrecisionOptions(), torch.device("cuda")).bf16  # off: no check
