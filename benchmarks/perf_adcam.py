@@ -7,13 +7,18 @@ Conformer training step.
    the increase of the process's peak RSS, measured in a fresh subprocess per N; CUDA peak is
    ``torch.cuda.max_memory_allocated`` above the inputs.
 2. Conformer training step (forward + backward + AdamW, both BCE heads, stop-gradient on):
-   images/s for a given arch, crop and batch (defaults: Conformer-S, 224 px, batch 2 on CPU).
+   images/s for a given arch, crop and batch (defaults: Conformer-S, 224 px, batch 2 on CPU),
+   with the options of ``methods/common/precision.py``: ``--bf16`` (autocast; losses in
+   float32), ``--channels-last`` (NHWC convolutions: the Conformer's CNN branch) and
+   ``--compile`` (``torch.compile`` of the training forward; give it ``--warmup 3`` or more,
+   the warm-up pays the compilation). The options are printed with the figure.
 
 Usage::
 
     python benchmarks/perf_adcam.py                      # both parts, CPU (+ CUDA if present)
     python benchmarks/perf_adcam.py --part diffusion --tokens 576 1024
     python benchmarks/perf_adcam.py --part train --arch conformer_s --crop 384 --batch 8 --device cuda
+    python benchmarks/perf_adcam.py --part train --device cuda --batch 16 --bf16 --channels-last --compile --warmup 3
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from methods.adcam.diffusion import diffuse, refine_attention  # noqa: E402
 from methods.adcam.model import build_cam_net  # noqa: E402
+from methods.common.precision import Precision  # noqa: E402
 
 
 def _rss_kib() -> int:
@@ -91,15 +97,18 @@ def run_diffusion(args: argparse.Namespace) -> None:
 
 def run_train(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
+    prec = Precision(device, args.bf16, args.channels_last, args.compile)
     torch.manual_seed(0)
     net = build_cam_net(args.arch, 20, img_size=args.crop, last_stage="drop", stop_gradient=True).to(device).train()
+    net = prec.module(net)
+    forward = prec.train_forward(net)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     images = torch.randn(args.batch, 3, args.crop, args.crop, device=device)
     labels = (torch.rand(args.batch, 20, device=device) > 0.8).float()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step() -> None:
-        cnn, trans = net(images)
+        cnn, trans = prec.forward(forward, images)  # as AD-CAM's training loop: float32 logits
         loss = torch.nn.functional.binary_cross_entropy_with_logits(cnn, labels)
         loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(trans, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -115,9 +124,10 @@ def run_train(args: argparse.Namespace) -> None:
     sync()
     elapsed = time.perf_counter() - start
     params = sum(p.numel() for p in net.parameters()) / 1e6
+    options = f"bf16 {prec.bf16}, channels_last {prec.channels_last}, compile {prec.compile}"
     print(f"train step: {args.arch} ({params:.1f}M params, 20 classes), crop {args.crop}, batch {args.batch}, "
           f"{args.device} ({torch.get_num_threads()} threads): {args.iters * args.batch / elapsed:.2f} images/s, "
-          f"{elapsed / args.iters:.2f} s/step over {args.iters} steps after {args.warmup} warm-up")  # fmt: skip
+          f"{elapsed / args.iters:.2f} s/step over {args.iters} steps after {args.warmup} warm-up [{options}]")  # fmt: skip
 
 
 def main() -> None:
@@ -135,6 +145,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="train step under bf16 autocast")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC convolutions in the train step")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the train step's forward")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one CPU measurement
     args = parser.parse_args()
     if args.one:

@@ -17,6 +17,10 @@ epochs, batch size, loss (cross-entropy, 255 ignored), test protocol (single sca
 the trial seed, so method A's seed s and method B's seed s see the same batches in the same
 order with the same augmentation draws.
 
+Precision options (``bf16``, ``channels_last``, ``compile``; all off by default): the fields of
+:class:`methods.common.precision.PrecisionOptions`, set in the ``[eval.common_segmentation]``
+table like any other field (a bare ``bf16=true`` override reaches the methods, not this table).
+
 Architectures:
 
 * ``deeplab_lite_<vit>`` (default ``deeplab_lite_vit_synth``): a ViT from
@@ -38,12 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import CRFParams, DatasetInfo, SampleSource, StageContext
+from methods.common.precision import Precision, PrecisionOptions
 
 CHECKPOINT = "common_seg"  # checkpoints/common_seg.pt in the trial directory
 
 
 @dataclass
-class CommonSegConfig:
+class CommonSegConfig(PrecisionOptions):
     """The shared recipe. Defaults are the fast synthetic recipe; suites for real data set
     a bigger backbone and input size (see benchmarks/same-backbone-voc-mini.toml)."""
 
@@ -196,7 +201,8 @@ class CommonSegmenter:
         self.config = config
         self.dataset = dataset
         self.device = device
-        self.net = build_network(config, dataset.num_classes).to(device)
+        self.precision = Precision.of(config, device)  # bf16 / channels_last / compile fields
+        self.net = self.precision.module(build_network(config, dataset.num_classes).to(device))
         self.net.eval()
 
     # -- training ----------------------------------------------------------------------------
@@ -214,11 +220,12 @@ class CommonSegmenter:
         per_epoch = batches_per_epoch(len(source), cfg.batch_size)
         total = max(1, per_epoch * cfg.epochs)
         self.net.train()
+        forward = self.precision.train_forward(self.net)
         loop = ResumableLoop(ctx, "common_seg", {"net": self.net}, {"optimizer": optimizer}, total)
         # ctx.stream_seed(7): the same stream for every method at a given seed
         for step, batch in loop.batches(source, cfg.batch_size, augment, ctx.stream_seed(7), with_masks=True):
             set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, total, cfg.warmup_epochs * per_epoch))
-            logits = self.net(batch.images.to(self.device))
+            logits = self.precision.forward(forward, batch.images.to(self.device))  # float32 logits
             loss = F.cross_entropy(logits, batch.masks.to(self.device), ignore_index=255)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -234,13 +241,13 @@ class CommonSegmenter:
         """Logits (B, C + 1, H, W); multi-scale + flip returns log of averaged softmax."""
         self.net.eval()
         if not multiscale:
-            return self.net(images)
+            return self.precision.forward(self.net, images)
         size = images.shape[-2:]
         probs = torch.zeros(images.shape[0], self.dataset.num_classes + 1, *size, device=images.device)
         for scale in self.config.test_scales:
             scaled = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False) if scale != 1 else images
             for flipped, view in enumerate((scaled, scaled.flip(-1))):
-                out = F.interpolate(self.net(view), size=size, mode="bilinear", align_corners=False).softmax(1)
+                out = F.interpolate(self.precision.forward(self.net, view), size=size, mode="bilinear", align_corners=False).softmax(1)
                 probs += out.flip(-1) if flipped else out
         return torch.log(probs / (2 * len(self.config.test_scales)) + 1e-8)
 

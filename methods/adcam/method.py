@@ -49,6 +49,7 @@ from methods.common.data import batches_per_epoch
 from methods.common.deeplab import SEG_ARCHS, DeepLabV2
 from methods.common.loop import ResumableLoop
 from methods.common.weights import weights_field
+from methods.common.precision import Precision, PrecisionOptions
 from methods.common.training import (
     CropAugment,
     mask_absent,
@@ -69,7 +70,7 @@ SEGMENT_CRF = CRFParams(gaussian_sxy=1, gaussian_compat=3, bilateral_sxy=67, bil
 
 
 @dataclass
-class ADCAMConfig(MethodConfig):
+class ADCAMConfig(MethodConfig, PrecisionOptions):
     """AD-CAM hyper-parameters. Defaults: the fast synthetic recipe (tiny Conformer, 96 px,
     small segmenter); the paper's values are in ``[methods.adcam]`` of ``benchmarks/voc.toml``."""
 
@@ -147,6 +148,7 @@ class ADCAM(Method):
     def __init__(self, config: ADCAMConfig, dataset: DatasetInfo, device: torch.device) -> None:
         super().__init__(config, dataset, device)
         self.config: ADCAMConfig = config
+        self.precision = Precision.of(config, device)  # bf16 / channels_last / compile
         with seeded(0, device):  # structure for networks() / resume; re-initialised per seed in training
             self.cam_net = self._build_cam_net().to(device)
             self.segmenter = self._build_segmenter().to(device)
@@ -154,7 +156,7 @@ class ADCAM(Method):
     # -- construction ------------------------------------------------------------------------
     def _build_cam_net(self) -> CamNet:
         cfg = self.config
-        return build_cam_net(
+        net = build_cam_net(
             cfg.backbone,
             self.dataset.num_classes,
             img_size=cfg.crop,
@@ -163,9 +165,10 @@ class ADCAM(Method):
             drop_path_rate=cfg.drop_path_rate,
             stop_gradient=cfg.stop_gradient,
         )
+        return self.precision.module(net)  # channels_last pays on the Conformer's CNN branch
 
     def _build_segmenter(self) -> DeepLabV2:
-        return DeepLabV2(self.dataset.num_classes + 1, self.config.seg_arch, self.config.seg_pretrained)
+        return self.precision.module(DeepLabV2(self.dataset.num_classes + 1, self.config.seg_arch, self.config.seg_pretrained))
 
     def networks(self) -> dict[str, nn.Module]:
         return {"cam_net": self.cam_net, "segmenter": self.segmenter}
@@ -211,13 +214,14 @@ class ADCAM(Method):
         augment = CropAugment(cfg.crop, cfg.scale_range)
         total = cfg.epochs * batches_per_epoch(len(train), cfg.batch_size)
         self.cam_net.train()
+        forward = self.precision.train_forward(self.cam_net)
         with seeded(ctx.seed + 1, self.device):
             loop = ResumableLoop(ctx, "cam", {"cam_net": self.cam_net}, {"optimizer": optimizer}, total)
             for step, batch in loop.batches(train, cfg.batch_size, augment, ctx.stream_seed(1)):
                 self._set_cam_lr(optimizer, step, total)
                 images = normalize(batch.images.to(self.device))
                 labels = batch.labels.to(self.device)
-                cnn_logits, trans_logits = self.cam_net(images)
+                cnn_logits, trans_logits = self.precision.forward(forward, images)  # float32: BCE in float32
                 loss_cnn = F.binary_cross_entropy_with_logits(cnn_logits, labels)
                 loss_trans = F.binary_cross_entropy_with_logits(trans_logits, labels)
                 loss = loss_cnn + loss_trans
@@ -237,7 +241,8 @@ class ADCAM(Method):
         are dropped before the diffusion so they neither send nor receive activation, and the
         result covers only the tokens that touch the image."""
         cfg = self.config
-        out = self.cam_net.extract(images, with_attention=cfg.refine_mode != "plain_cam")
+        # float32 outputs: normalisation and diffusion run in float32 whatever ``bf16``
+        out = self.precision.forward(self.cam_net.extract, images, with_attention=cfg.refine_mode != "plain_cam")
         gh, gw = out.grid
         stride = self.cam_net.token_stride
         vh, vw = (gh, gw) if valid is None else (math.ceil(valid[0] / stride), math.ceil(valid[1] / stride))
@@ -327,6 +332,7 @@ class ADCAM(Method):
             self.segmenter.train()
             self.segmenter.freeze_bn()
         optimizer = self._seg_optimizer()
+        forward = self.precision.train_forward(self.segmenter)
         augment = CropAugment(cfg.seg_crop, cfg.seg_scale_range)
         with seeded(ctx.seed + 3, self.device):
             loop = ResumableLoop(ctx, "seg", {"segmenter": self.segmenter}, {"optimizer": optimizer}, cfg.seg_iterations)
@@ -337,7 +343,7 @@ class ADCAM(Method):
                 lr = poly_lr(cfg.seg_lr, step, cfg.seg_iterations, cfg.seg_poly_power)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
-                logits = self.segmenter(normalize(batch.images.to(self.device)))
+                logits = self.precision.forward(forward, normalize(batch.images.to(self.device)))
                 loss = F.cross_entropy(logits, batch.masks.to(self.device), ignore_index=IGNORE_INDEX)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -354,7 +360,7 @@ class ADCAM(Method):
         self.segmenter.eval()
         images = normalize(images.to(self.device))
         if not multiscale:
-            return self.segmenter(images)
+            return self.precision.forward(self.segmenter, images)
         cfg = self.config
         H, W = images.shape[-2:]
         probs = torch.zeros(images.shape[0], self.dataset.num_classes + 1, H, W, device=self.device)
@@ -362,7 +368,7 @@ class ADCAM(Method):
         for scale in cfg.test_scales:
             view = resize_to(images, (max(8, round(H * scale)), max(8, round(W * scale))))
             for flip in (False, True) if cfg.test_flip else (False,):
-                logits = self.segmenter(view.flip(-1) if flip else view)
+                logits = self.precision.forward(self.segmenter, view.flip(-1) if flip else view)
                 logits = logits.flip(-1) if flip else logits
                 probs += resize_to(logits, (H, W)).softmax(1)
                 views += 1

@@ -40,11 +40,12 @@ from methods.afa.par import PAR
 from methods.base import CRFParams, DatasetInfo, Method, MethodConfig, SampleSource, StageContext, register
 from methods.common.loop import ResumableLoop
 from methods.common.weights import weights_field
+from methods.common.precision import Precision, PrecisionOptions
 from methods.common.training import CropAugment, mask_absent, normalize, resize_to, seeded, set_lr
 
 
 @dataclass
-class AFAConfig(MethodConfig):
+class AFAConfig(MethodConfig, PrecisionOptions):
     """Hyper-parameters; defaults are the fast synthetic recipe (``benchmarks/*.toml`` have the
     paper's). Iteration counts are optimiser steps."""
 
@@ -167,7 +168,8 @@ class AFA(Method):
             raise ValueError(f"cam_par_region must be crop or box, not {config.cam_par_region!r}")
         if config.test_long_side < 0:
             raise ValueError(f"test_long_side must be >= 0 (0 = off), not {config.test_long_side}")
-        self.net = self._build_net().to(device)
+        self.precision = Precision.of(config, device)  # bf16 / channels_last / compile
+        self.net = self.precision.module(self._build_net().to(device))
         self.net.eval()
         self.par = PAR(config.par_dilations, config.par_iters, config.par_w1, config.par_w2).to(device)
 
@@ -211,12 +213,12 @@ class AFA(Method):
                 xs = x if scale == 1.0 else F.interpolate(x, size=scaled_size((H, W), scale), mode="bilinear", align_corners=False)
                 if affinity and scale == largest and aff is None:
                     # The affinity of the unflipped images only: run the two halves apart.
-                    plain = self.net(xs, seg=False, affinity=True)
-                    flipped = self.net(xs.flip(-1), seg=False, affinity=False)
+                    plain = self.precision.forward(self.net, xs, seg=False, affinity=True)
+                    flipped = self.precision.forward(self.net, xs.flip(-1), seg=False, affinity=False)
                     aff, grid = plain.affinity, plain.grid
                     cam = torch.cat([plain.cam, flipped.cam])
                 else:
-                    cam = self.net(torch.cat([xs, xs.flip(-1)]), seg=False, affinity=False).cam
+                    cam = self.precision.forward(self.net, torch.cat([xs, xs.flip(-1)]), seg=False, affinity=False).cam
                 cam = resize_to(cam, (H, W))
                 total += F.relu(torch.maximum(cam[:B], cam[B:].flip(-1)))
         flat = total.flatten(2)
@@ -256,7 +258,8 @@ class AFA(Method):
         cfg = self.config
         images, labels, valid = images.to(self.device), labels.to(self.device), valid.to(self.device)
         phase = schedule_phase(step, cfg.cls_warmup_iters, cfg.rw_switch_iter)
-        out = self.net(normalize(images), seg=True, affinity=phase != "cls")
+        # float32 outputs (bf16 autocast inside): the losses run in float32
+        out = self.precision.forward(self.precision.train_forward(self.net), normalize(images), seg=True, affinity=phase != "cls")
         loss = classification_loss(out.logits, labels)
         losses = {"cls": loss.detach()}
         if phase == "cls":
@@ -316,7 +319,7 @@ class AFA(Method):
         size = scaled_size(tuple(images.shape[-2:]), max(cfg.cam_scales))
         x = normalize(images)
         x = x if size == tuple(x.shape[-2:]) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        out = self.net(x, seg=False, affinity=True)
+        out = self.precision.forward(self.net, x, seg=False, affinity=True)
         return random_walk_label(
             self.par, images, cams, out.affinity, out.grid, labels, None, cfg.bg_high, cfg.bg_low,
             cfg.aff_radius, cfg.rw_alpha, cfg.rw_eps, cfg.par_downscale,
@@ -340,11 +343,11 @@ class AFA(Method):
         if size != (H, W):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         if not multiscale:
-            return resize_to(self.net(x, affinity=False).seg, (H, W))
+            return resize_to(self.precision.forward(self.net, x, affinity=False).seg, (H, W))
         per_scale = {}
         for scale in cfg.test_scales:
             xs = x if scale == 1.0 else F.interpolate(x, size=scaled_size(size, scale), mode="bilinear", align_corners=False)
-            per_scale[scale] = self.net(torch.cat([xs, xs.flip(-1)]) if cfg.test_flip else xs, affinity=False).seg
+            per_scale[scale] = self.precision.forward(self.net, torch.cat([xs, xs.flip(-1)]) if cfg.test_flip else xs, affinity=False).seg
         grid = tuple(per_scale[1.0 if 1.0 in per_scale else max(per_scale)].shape[-2:])
         best = None
         for seg in per_scale.values():

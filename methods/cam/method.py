@@ -21,6 +21,7 @@ from methods.common.crf import dense_crf_labels
 from methods.common.data import batches_per_epoch
 from methods.common.loop import ResumableLoop
 from methods.common.weights import weights_field
+from methods.common.precision import Precision, PrecisionOptions
 from methods.common.training import (
     CropAugment,
     mask_absent,
@@ -33,7 +34,7 @@ from methods.common.training import (
 
 
 @dataclass
-class CamConfig(MethodConfig):
+class CamConfig(MethodConfig, PrecisionOptions):
     backbone: str = "vit_synth"  # vit_synth | deit_tiny | deit_small | vit_small
     pretrained: str | None = weights_field("backbone")  # ImageNet checkpoint: path, "auto" or none
     crop: int = 96
@@ -84,8 +85,9 @@ class CamBaseline(Method):
     def __init__(self, config: CamConfig, dataset: DatasetInfo, device: torch.device) -> None:
         super().__init__(config, dataset, device)
         C = dataset.num_classes
-        self.classifier = ViTCamClassifier(config.backbone, config.crop, C, config.pretrained).to(device)
-        self.segmenter = ViTLinearSegmenter(config.seg_backbone, config.seg_crop, C, config.seg_pretrained).to(device)
+        self.precision = Precision.of(config, device)
+        self.classifier = self.precision.module(ViTCamClassifier(config.backbone, config.crop, C, config.pretrained).to(device))
+        self.segmenter = self.precision.module(ViTLinearSegmenter(config.seg_backbone, config.seg_crop, C, config.seg_pretrained).to(device))
 
     def networks(self) -> dict[str, nn.Module]:
         return {"classifier": self.classifier, "segmenter": self.segmenter}
@@ -101,9 +103,10 @@ class CamBaseline(Method):
         cfg = self.config
         augment = CropAugment(cfg.crop, tuple(cfg.scale_range), flip=True)
         optimizer = torch.optim.AdamW(self.classifier.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        forward = self.precision.train_forward(self.classifier)
 
         def loss_fn(batch) -> torch.Tensor:
-            logits = self.classifier(batch.images.to(self.device))
+            logits = self.precision.forward(forward, batch.images.to(self.device))  # float32: the loss runs in float32
             return F.multilabel_soft_margin_loss(logits, batch.labels.to(self.device))
 
         _train_loop(self.classifier, optimizer, train, cfg.batch_size, augment, False, cfg.epochs, cfg.warmup_epochs, cfg.lr, loss_fn, ctx, "cls", 1)
@@ -118,7 +121,7 @@ class CamBaseline(Method):
             scaled = resize_to_patch_multiple(scaled, self.classifier.patch)
             views = [scaled, scaled.flip(-1)] if self.config.cam_flip else [scaled]
             for flipped, view in enumerate(views):
-                cam = resize_to(F.relu(self.classifier.forward_cam(view)), size)
+                cam = resize_to(F.relu(self.precision.forward(self.classifier.forward_cam, view)), size)
                 total += cam.flip(-1) if flipped else cam
         return mask_absent(max_normalize(total), labels).clamp(0, 1)
 
@@ -141,9 +144,10 @@ class CamBaseline(Method):
         cfg = self.config
         augment = CropAugment(cfg.seg_crop, tuple(cfg.scale_range), flip=True)
         optimizer = torch.optim.AdamW(self.segmenter.parameters(), lr=cfg.seg_lr, weight_decay=cfg.weight_decay)
+        forward = self.precision.train_forward(self.segmenter)
 
         def loss_fn(batch) -> torch.Tensor:
-            logits = self.segmenter(batch.images.to(self.device))
+            logits = self.precision.forward(forward, batch.images.to(self.device))
             return F.cross_entropy(logits, batch.masks.to(self.device), ignore_index=255)
 
         _train_loop(self.segmenter, optimizer, train, cfg.seg_batch_size, augment, True, cfg.seg_epochs, 1, cfg.seg_lr, loss_fn, ctx, "seg", 2)
@@ -153,12 +157,12 @@ class CamBaseline(Method):
     def segment(self, images: torch.Tensor, multiscale: bool = False) -> torch.Tensor:
         self.segmenter.eval()
         if not multiscale:
-            return self.segmenter(images)
+            return self.precision.forward(self.segmenter, images)
         size = images.shape[-2:]
         probs = 0
         for scale in self.config.test_scales:
             scaled = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False) if scale != 1 else images
             for flipped, view in enumerate((scaled, scaled.flip(-1))):
-                out = resize_to(self.segmenter(view), size).softmax(1)
+                out = resize_to(self.precision.forward(self.segmenter, view), size).softmax(1)
                 probs = probs + (out.flip(-1) if flipped else out)
         return torch.log(probs / (2 * len(self.config.test_scales)) + 1e-8)

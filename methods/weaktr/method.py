@@ -11,7 +11,6 @@ Defaults are the fast synthetic recipe; the paper's values are in the ``[methods
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from methods.base import (
 from methods.common.crf import dense_crf_labels
 from methods.common.data import batches_per_epoch
 from methods.common.loop import ResumableLoop
+from methods.common.precision import Precision, PrecisionOptions
 from methods.common.training import (
     CropAugment, normalize, poly_lr, seeded, set_lr, threshold_masks, warmup_cosine_lr,
 )
@@ -49,7 +49,7 @@ CRF_PROTOCOLS = ("code", "softmax")
 
 
 @dataclass
-class WeakTrConfig(MethodConfig):
+class WeakTrConfig(MethodConfig, PrecisionOptions):
     """WeakTr hyper-parameters. Defaults: the fast synthetic recipe (tiny ViT, 96 px, CPU)."""
 
     # -- stage 1: CAM network ---------------------------------------------------------------
@@ -125,8 +125,7 @@ class WeakTrConfig(MethodConfig):
     crf_bilateral_srgb: float = 5.0
     crf_bilateral_compat: float = 3.0
     crf_protocol: str = "code"  # "code": predicted classes, un-normalised 0.8 p1 + p2; "softmax": harness default
-    # -- numerics --------------------------------------------------------------------------
-    bf16: bool = False  # bf16 autocast (CUDA) for training and inference
+    # -- numerics: bf16, channels_last, compile (methods.common.precision.PrecisionOptions) --
 
 
 def _param_groups(model: nn.Module, weight_decay: float, lr_scale: float = 1.0) -> list[dict[str, Any]]:
@@ -161,6 +160,7 @@ class WeakTr(Method):
         super().__init__(config, dataset, device)
         self.config: WeakTrConfig = config
         self._validate()
+        self.precision = Precision.of(config, device)
         with seeded(0, device):  # deterministic placeholders; training re-initialises from the trial seed
             self.cam_net = self._build_cam_net()
             self.segmenter = self._build_segmenter()
@@ -190,21 +190,20 @@ class WeakTr(Method):
 
     def _build_cam_net(self) -> WeakTrCAMNet:
         cfg = self.config
-        return WeakTrCAMNet(
+        net = WeakTrCAMNet(
             self.dataset.num_classes, cfg.arch, cfg.cam_crop, cfg.drop_path, cfg.pretrained, cfg.aaf,
             cfg.aaf_prior, cfg.aaf_hidden, cfg.aaf_feat_hidden, cfg.pos_resample,
         ).to(self.device)
+        return self.precision.module(net)
 
     def _build_segmenter(self) -> Segmenter:
         cfg = self.config
-        return Segmenter(
+        net = Segmenter(
             self.dataset.num_classes + 1, cfg.seg_arch, cfg.seg_crop, cfg.seg_drop_path,
             resolve_pretrained(cfg.seg_pretrained, cfg.seg_arch), cfg.seg_decoder_depth, cfg.seg_decoder_dim,
             cfg.seg_decoder_heads, cfg.seg_decoder_ffn, cfg.seg_dropout, cfg.seg_pos_resample,
         ).to(self.device)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+        return self.precision.module(net)
 
     # -- stage 1 ----------------------------------------------------------------------------
     def train_cam(self, train: SampleSource, ctx: StageContext) -> None:
@@ -222,14 +221,14 @@ class WeakTr(Method):
         selector = _OracleEpochSelector(net, ctx) if cfg.cam_epoch_selection == "oracle" else None
         state = {"cam_net": net} | ({"oracle": selector} if selector is not None else {})
         net.train()
+        forward = self.precision.train_forward(net)
         loop = ResumableLoop(ctx, "cam", state, {"optimizer": optimizer}, total)
         for step, batch in loop.batches(train, cfg.cam_batch_size, augment, ctx.stream_seed(1)):
             set_lr(optimizer, warmup_cosine_lr(lr, step, total, cfg.cam_warmup_epochs * per_epoch, cfg.cam_min_lr))
             images = batch.images.to(self.device)
             images = images if timm_aug else normalize(images)
             labels = batch.labels.to(self.device)
-            with self._autocast():
-                out = net(images)
+            out = self.precision.forward(forward, images)  # float32 outputs: the losses run in float32
             loss, parts = weaktr_loss(out.cls_logits, out.coarse_logits, out.fine_logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -252,8 +251,7 @@ class WeakTr(Method):
         y = labels.to(self.device).float()
 
         def fine(view: torch.Tensor) -> torch.Tensor:
-            with self._autocast():
-                return net(normalize(view)).fine_cam
+            return self.precision.forward(net, normalize(view)).fine_cam
 
         out = multiscale_cams(fine, x, y, cfg.cam_scales, cfg.cam_flip, net.patch_size)
         return out.to(images.device)
@@ -298,13 +296,13 @@ class WeakTr(Method):
         optimizer = torch.optim.SGD(groups, lr=cfg.seg_lr, momentum=cfg.seg_momentum, nesterov=True)
         _, total = _steps(len(train), cfg.seg_batch_size, cfg.seg_epochs, cfg.seg_max_steps)
         net.train()
+        forward = self.precision.train_forward(net)
         loop = ResumableLoop(ctx, "seg", {"segmenter": net}, {"optimizer": optimizer}, total)
         for step, batch in loop.batches(train, cfg.seg_batch_size, augment, ctx.stream_seed(2), with_masks=True):
             set_lr(optimizer, poly_lr(cfg.seg_lr, step, total, 0.9, cfg.seg_min_lr))
             images = normalize(batch.images.to(self.device))
             masks = batch.masks.to(self.device)
-            with self._autocast():
-                logits = net(images)
+            logits = self.precision.forward(forward, images)
             if cfg.grad_clip:
                 result = gradient_clipping_loss(logits, masks, cfg.tau, cfg.clip_patch)
                 loss = result.loss
@@ -324,11 +322,14 @@ class WeakTr(Method):
         net.eval()
         x = normalize(images.to(self.device).float())
         ratios = tuple(cfg.test_scales) if multiscale else (1.0,)
-        with self._autocast():
-            probs = segment_probs(
-                net, x, ratios, cfg.test_flip and multiscale, cfg.window, cfg.stride, cfg.seg_base_size,
-                cfg.two_block, cfg.two_block_weight,
-            )
+
+        def window_forward(crop: torch.Tensor, all_blocks: bool = False) -> Any:
+            return self.precision.forward(net, crop, all_blocks=all_blocks)  # float32 logits
+
+        probs = segment_probs(
+            window_forward, x, ratios, cfg.test_flip and multiscale, cfg.window, cfg.stride, cfg.seg_base_size,
+            cfg.two_block, cfg.two_block_weight,
+        )
         # log of the averaged probabilities: softmax of it gives those probabilities back.
         return probs.float().clamp_min(1e-8).log().to(images.device)
 
