@@ -321,6 +321,10 @@ class WeakTr(Method):
             bilateral_compat=cfg.crf_bilateral_compat, iterations=10,
         )
 
+    def cam_threshold(self) -> float | None:
+        """The pseudo-label background threshold (VOC 0.43, COCO 0.42)."""
+        return self.config.bg_threshold
+
 
 def refine_seed_crf(image: np.ndarray, seed: np.ndarray, labels: np.ndarray, gt_prob: float = 0.7) -> np.ndarray:
     """Pseudo-label CRF (METHODS.md, code): the seed mask (H, W) in {0..C} as a label unary with
