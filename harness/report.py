@@ -152,9 +152,10 @@ PROTOCOL = (
     "mIoU in %, background included, over pixels whose ground truth is not 255. Each cell is the mean ± sample std "
     "over seeds with the 95% Student-t confidence interval of the mean in brackets; n is always shown (std and CI need "
     "n ≥ 2). **CAM\\*** = CAM (seed) mIoU on the cam-eval split at the background threshold that the sweep found best "
-    "— an *oracle*, because the threshold is chosen with pixel labels; **CAM@t** = the same CAMs at the suite's fixed, "
-    "pre-declared threshold (not an oracle). **mask** = pseudo-mask mIoU on the training split (255 'unsure' pixels count "
-    "as background). **val SS** = segmentation on the val split, single scale, no CRF; **val MS** = the method's "
+    "— an *oracle*, because the threshold is chosen with pixel labels (the sweep widens past its configured end, to 1.00 "
+    "at most, while the best is its last threshold); **CAM@t** = the same CAMs at the method's own pre-declared threshold "
+    "(else the suite's fixed one; not an oracle). **mask** = pseudo-mask mIoU on the cam-eval images (255 'unsure' pixels "
+    "count as background; **mask (255 ign.)** does not score them, as AFA's evaluator). **val SS** = segmentation on the val split, single scale, no CRF; **val MS** = the method's "
     "multi-scale + flip protocol; **val MS+CRF** = that followed by dense CRF. Rank of a row = 1 + the number of rows "
     "distinguishably better than it in the paired comparison over matched seeds (95% CI of the mean paired difference "
     "excludes 0); rows share a rank when seed noise cannot separate them. A row with a noisy metric can therefore "
@@ -431,7 +432,7 @@ def _protocol_text(config: dict[str, str]) -> str:
     parts = [
         f"averaging={get('eval.convention', 'present')}",
         f"CAM threshold sweep {get('eval.threshold_start')}..{get('eval.threshold_stop')} step {get('eval.threshold_step')}",
-        f"fixed t={get('eval.fixed_threshold')}",
+        f"fixed t=the method's own, else {get('eval.fixed_threshold')}",
     ]
     splits = {k.split('.', 1)[1]: v for k, v in config.items() if k.startswith("splits.")}
     if splits:
@@ -540,7 +541,8 @@ def build_leaderboard(
         at_edge = _oracle_threshold_at_sweep_end(done)
         if at_edge:
             warnings.append(f"{suite}/{dataset}: **{label}**: the oracle CAM threshold is the sweep's upper end for seed(s) "
-                            f"{' '.join(map(str, at_edge))}; its CAM* may lie past the range (raise eval.threshold_stop).")
+                            f"{' '.join(map(str, at_edge))}; its CAM* may lie past the range (the sweep widens itself up to 1.00 since "
+                            "the cam_threshold_stop metric exists; older runs: raise eval.threshold_stop).")
         if missing and seeds:
             failed_seeds = sorted(int(s) for s in failed_here["seed"])
             note = f" (failed or unfinished: {' '.join(map(str, failed_seeds))})" if failed_seeds else ""
@@ -1030,7 +1032,7 @@ def leaderboard_table(board: Leaderboard):
         table.add_row(*lead, label, f"{row['n_seeds']}/{expected}", *cells,
                       fmt_rank(row, primary, board.table) if primary else "-", fmt_hours(row["time_total_s_mean"] / 3600),
                       fmt_num(row["params_total"] / 1e6, 2), fmt_num(row["gmacs_total"], 2))
-    table.caption = (f"n = finished/expected seeds. CAM* = best background threshold (oracle); CAM@t = the suite's fixed threshold. Rank by "
+    table.caption = (f"n = finished/expected seeds. CAM* = best background threshold (oracle); CAM@t = the method's own fixed threshold. Rank by "
                      f"{SHORT_TITLES.get(primary, '-')}; '=' = not distinguishable from seed noise; no rank with n < 2.")
     return table
 
