@@ -26,8 +26,9 @@ goes in ``config`` (e.g. ``config = { pseudo_crf = true }``), as do L_reg (``use
 the backbone (``arch`` / ``backbone``). ``split`` is checked against the run's recorded
 split of the metric's role (``cam_eval`` for cam / mask numbers, ``val`` for val numbers;
 suites with references set them in ``[splits]``). ``best_epoch = true``: the published
-checkpoint is the epoch with the best CAM mIoU on pixel labels (WeakTr); a row matches when
-its method config has ``best_epoch`` true.
+checkpoint is the epoch with the best CAM mIoU on pixel labels (WeakTr's code); a row matches
+when its runs made that oracle choice, which a method records as the run metric
+:data:`ORACLE_EPOCH_METRIC` (WeakTr with ``cam_epoch_selection = "oracle"``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ PROTOCOL_KEYS: dict[str, type | tuple[type, ...]] = {
     "best_epoch": bool, "config": dict,
 }
 SCALES = ("single", "multi")
+# A run that chose its CAM checkpoint by CAM mIoU on pixel labels logs the chosen epoch here.
+ORACLE_EPOCH_METRIC = "cam_selected_epoch"
 
 
 def canonical_metric(name: str) -> str:
@@ -170,12 +173,15 @@ def _same(expected: Any, text: str) -> bool:
     return text == str(expected)
 
 
-def comparability(published: Mapping[str, Any], metric: str, method: str, config: Mapping[str, str]) -> str:
+def comparability(
+    published: Mapping[str, Any], metric: str, method: str, config: Mapping[str, str], oracle_epoch: bool = False
+) -> str:
     """Why our ``metric`` of a row may not be compared with ``published``, or '' when it may.
 
     ``published``: one parsed number (:func:`parse_number`); ``metric``: one of
     :data:`REFERENCE_METRICS`; ``config``: the row's run params (``method.<field>``,
-    ``splits.<role>``, as the report reads them from MLflow). Returns
+    ``splits.<role>``, as the report reads them from MLflow); ``oracle_epoch``: the row's
+    runs logged :data:`ORACLE_EPOCH_METRIC` (an oracle checkpoint choice). Returns
     ``"not comparable: <reason>; <reason>"`` listing every mismatch, in the order split,
     scales, crf, irn, best_epoch, config. Pure: no I/O.
     """
@@ -196,8 +202,7 @@ def comparability(published: Mapping[str, Any], metric: str, method: str, config
     if published.get("irn", False) and not facts["irn"]:
         reasons.append("published after IRN, which the harness does not run")
     if "best_epoch" in published:
-        ours_best = _truthy(config.get("method.best_epoch", "false"))
-        if published["best_epoch"] != ours_best:
+        if published["best_epoch"] != oracle_epoch:
             reasons.append("published with the best CAM epoch chosen on pixel labels (oracle), ours keeps the last epoch"
                            if published["best_epoch"] else "published with the last epoch, ours with the oracle best epoch")
     for key, expected in published.get("config", {}).items():

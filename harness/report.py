@@ -95,7 +95,7 @@ import pandas as pd
 from harness import stats
 from harness.config import Suite
 from harness.errors import ConfigError, ResultsError, TrackingError, unknown
-from harness.references import REFERENCE_ALIASES, REFERENCE_METRICS, canonical_metric, comparability, parse_number
+from harness.references import ORACLE_EPOCH_METRIC, REFERENCE_ALIASES, REFERENCE_METRICS, canonical_metric, comparability, parse_number
 from harness.tracking import EXPERIMENT_PREFIX, STATUS_TAG, TRIAL_TAG
 from harness.trial import STAGES
 
@@ -531,7 +531,8 @@ def build_leaderboard(
             row[f"rank_{metric}"] = math.nan  # filled below
         published = _references_for(references, suite, method)
         row_config = json.loads((done if len(done) else group)["config"].iloc[0])
-        row.update(_reference_columns(published, method, row, row_config))
+        oracle_epoch = ORACLE_EPOCH_METRIC in done and bool(done[ORACLE_EPOCH_METRIC].notna().any())
+        row.update(_reference_columns(published, method, row, row_config, oracle_epoch))
         row.update(_cost(done))
         row["hardware"] = "; ".join(sorted(h for h in set(done["hardware"]) if h))
         row["run_ids"] = " ".join(done["run_id"])
@@ -608,14 +609,15 @@ def _references_for(references, suite: str, method: str) -> dict[str, Any]:
     return out
 
 
-def _reference_columns(published: dict[str, Any], method: str, row: dict[str, Any], config: dict[str, str]) -> dict[str, Any]:
+def _reference_columns(published: dict[str, Any], method: str, row: dict[str, Any], config: dict[str, str],
+                       oracle_epoch: bool) -> dict[str, Any]:
     """reference_<m>, delta_<m> (NaN unless the protocols match), reference_note_<m> and
     reference_source (the table's citation, then each number's own source)."""
     out: dict[str, Any] = {}
     sources = [published["source"]] if published.get("source") else []
     for metric in REFERENCE_METRICS:
         number = published.get(metric)
-        note = comparability(number, metric, method, config) if number else ""
+        note = comparability(number, metric, method, config, oracle_epoch) if number else ""
         ref = number["value"] if number else math.nan
         out[f"reference_{metric}"] = ref
         out[f"delta_{metric}"] = row[f"{metric}_mean"] - ref if number and not note else math.nan

@@ -375,3 +375,15 @@ def test_oracle_threshold_warning_uses_the_range_actually_swept():
     assert report._oracle_threshold_at_sweep_end(pd.DataFrame([base])) == [0]
     at_end = pd.DataFrame([{**base, "cam_best_threshold": 1.0, "cam_threshold_stop": 1.0}])
     assert report._oracle_threshold_at_sweep_end(at_end) == [0]
+
+
+def test_oracle_epoch_choice_is_read_from_the_runs_metrics():
+    # Two finished seeds of one row; the runs logged cam_selected_epoch (an oracle checkpoint).
+    runs = pd.DataFrame([{"suite": "s", "dataset": "d", "method": "weaktr", "seed": seed, "status": "finished",
+                          "run_id": f"r{seed}", "config": "{}", "cam_miou": 60.0 + seed, "cam_selected_epoch": 5.0}
+                         for seed in (0, 1)])
+    refs = {"s": {"weaktr": {"cam_miou": {"value": 66.2, "best_epoch": True}}}}
+    oracle = report.build_leaderboard(runs, refs).table.iloc[0]
+    assert oracle["delta_cam_miou"] == pytest.approx(60.5 - 66.2) and oracle["reference_note_cam_miou"] == ""
+    last = report.build_leaderboard(runs.drop(columns="cam_selected_epoch"), refs).table.iloc[0]
+    assert math.isnan(last["delta_cam_miou"]) and "oracle" in last["reference_note_cam_miou"]
