@@ -47,6 +47,22 @@ class EvalConfig:
     common_segmentation: bool | dict = False
 
 
+def check_eval_config(config: EvalConfig, where: str) -> EvalConfig:
+    """ConfigError (naming ``where``, the key, the value and what was expected) unless the
+    convention is known and the CAM thresholds satisfy 0 <= start <= stop <= 1, step > 0,
+    0 <= fixed_threshold <= 1 (CAMs lie in [0, 1])."""
+    if config.convention not in ("present", "gt"):
+        raise ConfigError(f"{where}: `convention` must be \"present\" or \"gt\", got {config.convention!r}.")
+    if not 0.0 <= config.threshold_start <= config.threshold_stop <= 1.0:
+        raise ConfigError(f"{where}: need 0 <= threshold_start <= threshold_stop <= 1 (CAMs lie in [0, 1]), got "
+                          f"threshold_start = {config.threshold_start}, threshold_stop = {config.threshold_stop}.")
+    if not 0.0 < config.threshold_step <= 1.0:
+        raise ConfigError(f"{where}: `threshold_step` must be in (0, 1], got {config.threshold_step}.")
+    if not 0.0 <= config.fixed_threshold <= 1.0:
+        raise ConfigError(f"{where}: `fixed_threshold` must be in [0, 1], got {config.fixed_threshold}.")
+    return config
+
+
 @dataclass
 class Suite:
     name: str
@@ -116,22 +132,6 @@ def _suite_from_dict(raw: dict[str, Any], path: Path) -> Suite:
         path=str(path),
     )
     return suite
-
-
-def check_eval_config(config: EvalConfig, where: str) -> EvalConfig:
-    """ConfigError (naming ``where``, the key, the value and what was expected) unless the
-    convention is known and the CAM thresholds satisfy 0 <= start <= stop <= 1, step > 0,
-    0 <= fixed_threshold <= 1 (CAMs lie in [0, 1])."""
-    if config.convention not in ("present", "gt"):
-        raise ConfigError(f"{where}: `convention` must be \"present\" or \"gt\", got {config.convention!r}.")
-    if not 0.0 <= config.threshold_start <= config.threshold_stop <= 1.0:
-        raise ConfigError(f"{where}: need 0 <= threshold_start <= threshold_stop <= 1 (CAMs lie in [0, 1]), got "
-                          f"threshold_start = {config.threshold_start}, threshold_stop = {config.threshold_stop}.")
-    if not 0.0 < config.threshold_step <= 1.0:
-        raise ConfigError(f"{where}: `threshold_step` must be in (0, 1], got {config.threshold_step}.")
-    if not 0.0 <= config.fixed_threshold <= 1.0:
-        raise ConfigError(f"{where}: `fixed_threshold` must be in [0, 1], got {config.fixed_threshold}.")
-    return config
 
 
 def default_suite(dataset: str) -> Suite:

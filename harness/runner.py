@@ -20,15 +20,10 @@ from harness.common_seg import CommonSegConfig, CommonSegmenter, common_seg_conf
 from harness.config import TrialSpec, build_method_config
 from harness.datasets import create_dataset
 from harness.datasets.base import Dataset, Split
-from harness.errors import DataError
-from harness.evaluation import (
-    SWEEP_LIMIT,
-    CamThresholdSweep,
-    SegmentationMetric,
-    default_thresholds,
-    extend_until_interior,
-)
+from harness.evaluation import CamThresholdSweep, SegmentationMetric
 from harness.profiling import count_macs, count_params, measure
+from harness.errors import DataError
+from harness.evaluation import SWEEP_LIMIT, default_thresholds, extend_until_interior
 from harness.trial import STAGES, StageRecord, TrialDir
 from harness.visualize import heatmap, load_label_png, save_label_png, save_rgb_png
 from methods import load_all

@@ -79,18 +79,6 @@ def test_unknown_suite_and_bad_suite_file(tmp_path):
         load_suite(str(bad))
 
 
-def test_every_shipped_suite_loads_and_plans(tmp_path):
-    from harness.config import list_suites
-
-    for name, path in list_suites().items():
-        suite = load_suite(str(path))
-        assert suite.dataset in ("synthetic", "voc", "coco"), name
-        assert suite.methods, f"suite {name} lists no methods"
-        registry = load_all()
-        for method, values in suite.method_params.items():
-            build_method_config(registry[method].Config, values, f"{name} [methods.{method}]")
-
-
 @pytest.mark.parametrize(
     "table, message",
     [
@@ -112,3 +100,14 @@ def test_bad_eval_values_name_the_suite_file(tmp_path, table, message):
 def test_bad_eval_override_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"eval options: `fixed_threshold` must be in \[0, 1\], got 1.5"):
         _plan(tmp_path, overrides=Overrides(dataset=dict(TINY), eval={"fixed_threshold": "1.5"}))
+
+def test_every_shipped_suite_loads_and_plans(tmp_path):
+    from harness.config import list_suites
+
+    for name, path in list_suites().items():
+        suite = load_suite(str(path))
+        assert suite.dataset in ("synthetic", "voc", "coco"), name
+        assert suite.methods, f"suite {name} lists no methods"
+        registry = load_all()
+        for method, values in suite.method_params.items():
+            build_method_config(registry[method].Config, values, f"{name} [methods.{method}]")
