@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError, suggest, unknown
+from harness.references import parse_references
 
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -31,7 +32,9 @@ class EvalConfig:
     threshold_start: float = 0.0  # CAM background-threshold sweep, inclusive
     threshold_stop: float = 0.60
     threshold_step: float = 0.01
-    fixed_threshold: float = 0.40  # non-oracle CAM number reported beside the sweep's best
+    # CAM sweep: threshold_stop is where the range starts from; it widens (to 1.0 at most,
+    # harness.evaluation.extend_until_interior) while the best threshold is its upper end.
+    fixed_threshold: float = 0.40  # non-oracle CAM number, for methods that declare no threshold
     crf: bool = True  # also report val mIoU with multi-scale + flip + dense CRF
     multiscale: bool = True  # also report val mIoU with the method's multi-scale + flip
     crf_workers: int = 2
@@ -42,6 +45,22 @@ class EvalConfig:
     # Train the harness's shared segmentation recipe (harness/common_seg.py) on the pseudo
     # masks instead of the method's own segmenter: true, or a table of its fields.
     common_segmentation: bool | dict = False
+
+
+def check_eval_config(config: EvalConfig, where: str) -> EvalConfig:
+    """ConfigError (naming ``where``, the key, the value and what was expected) unless the
+    convention is known and the CAM thresholds satisfy 0 <= start <= stop <= 1, step > 0,
+    0 <= fixed_threshold <= 1 (CAMs lie in [0, 1])."""
+    if config.convention not in ("present", "gt"):
+        raise ConfigError(f"{where}: `convention` must be \"present\" or \"gt\", got {config.convention!r}.")
+    if not 0.0 <= config.threshold_start <= config.threshold_stop <= 1.0:
+        raise ConfigError(f"{where}: need 0 <= threshold_start <= threshold_stop <= 1 (CAMs lie in [0, 1]), got "
+                          f"threshold_start = {config.threshold_start}, threshold_stop = {config.threshold_stop}.")
+    if not 0.0 < config.threshold_step <= 1.0:
+        raise ConfigError(f"{where}: `threshold_step` must be in (0, 1], got {config.threshold_step}.")
+    if not 0.0 <= config.fixed_threshold <= 1.0:
+        raise ConfigError(f"{where}: `fixed_threshold` must be in [0, 1], got {config.fixed_threshold}.")
+    return config
 
 
 @dataclass
@@ -56,7 +75,8 @@ class Suite:
     methods: list[str] = field(default_factory=list)  # default method list
     eval: EvalConfig = field(default_factory=EvalConfig)
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    reference: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> metric -> value
+    # method -> {"source": str, metric: {"value": float, protocol...}} (harness/references.py)
+    reference: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: str | None = None
 
 
@@ -105,9 +125,9 @@ def _suite_from_dict(raw: dict[str, Any], path: Path) -> Suite:
         splits=dict(raw.get("splits", {})),
         seeds=[int(s) for s in head.get("seeds", [0])],
         methods=list(head.get("methods", [])),
-        eval=_build_dataclass(EvalConfig, raw.get("eval", {}), f"{path} [eval]"),
+        eval=check_eval_config(_build_dataclass(EvalConfig, raw.get("eval", {}), f"{path} [eval]"), f"Suite file {path} [eval]"),
         method_params={k: dict(v) for k, v in raw.get("methods", {}).items()},
-        reference={k: dict(v) for k, v in raw.get("reference", {}).items()},
+        reference=parse_references(raw.get("reference", {}), str(path)),
         path=str(path),
     )
     return suite

@@ -38,7 +38,10 @@ __all__ = [
     "SegmentationMetric",
     "SweepResult",
     "CamThresholdSweep",
+    "SWEEP_LIMIT",
+    "SWEEP_EXTENSION",
     "default_thresholds",
+    "extend_until_interior",
     "scores_from_confusion",
     "evaluate_with_crf",
 ]
@@ -179,7 +182,8 @@ class SegmentationMetric(Metric):
     must lie in ``{0..C}`` on the evaluated pixels; a prediction of 255 (a pseudo mask's
     ignore) raises unless ``pred_ignore_as`` names the class to count it as (e.g. 0 to
     count ignored pseudo-mask pixels as background, which never inflates the score the way
-    dropping them would).
+    dropping them would) or ``drop_pred_ignore`` excludes those pixels from the confusion
+    (AFA's evaluator: a pixel the pseudo mask is unsure about is not scored).
 
     ``compute()`` returns :class:`SegmentationScores` with both mIoU conventions. The state
     is a summed confusion, so it syncs across processes like any torchmetrics metric.
@@ -190,14 +194,19 @@ class SegmentationMetric(Metric):
     higher_is_better = True
     confusion: torch.Tensor
 
-    def __init__(self, num_classes: int, *, pred_ignore_as: int | None = None, **kwargs) -> None:
+    def __init__(
+        self, num_classes: int, *, pred_ignore_as: int | None = None, drop_pred_ignore: bool = False, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes (foreground classes) must be >= 1, got {num_classes}")
         if pred_ignore_as is not None and not 0 <= pred_ignore_as <= num_classes:
             raise ValueError(f"pred_ignore_as must be in 0..{num_classes}, got {pred_ignore_as}")
+        if pred_ignore_as is not None and drop_pred_ignore:
+            raise ValueError("pass pred_ignore_as or drop_pred_ignore, not both")
         self.num_classes = num_classes
         self.pred_ignore_as = pred_ignore_as
+        self.drop_pred_ignore = drop_pred_ignore
         k = num_classes + 1
         self.add_state("confusion", default=torch.zeros(k, k, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -212,12 +221,15 @@ class SegmentationMetric(Metric):
         gt, pr = target[valid], pred[valid]
         if self.pred_ignore_as is not None:
             pr = torch.where(pr == IGNORE_INDEX, torch.full_like(pr, self.pred_ignore_as), pr)
+        elif self.drop_pred_ignore:
+            keep = pr != IGNORE_INDEX
+            gt, pr = gt[keep], pr[keep]
         bad = (pr < 0) | (pr > self.num_classes)
         if bool(bad.any()):
             values = torch.unique(pr[bad])[:10].tolist()
             raise ValueError(
                 f"pred has values {values} outside {{0..{self.num_classes}}} on evaluated pixels"
-                + (" (pass pred_ignore_as to count 255 as a class)" if IGNORE_INDEX in values else "")
+                + (" (pass pred_ignore_as or drop_pred_ignore for 255)" if IGNORE_INDEX in values else "")
             )
         self.confusion += _confusion_bincount(gt, pr, self.num_classes + 1)
 
@@ -284,6 +296,66 @@ class SweepResult:
     def at(self, threshold: float) -> SegmentationScores:
         """Scores at a fixed threshold of the grid (the non-oracle number)."""
         return scores_from_confusion(self.confusions[self.index(threshold)])
+
+    @property
+    def num_pixels(self) -> int:
+        """Evaluated (GT != 255) pixels; the same at every threshold. 0: nothing to score."""
+        return int(self.confusions[0].sum()) if len(self.confusions) else 0
+
+    def upto(self, count: int) -> "SweepResult":
+        """The sweep over its first ``count`` thresholds only, best re-chosen in that range."""
+        if not 1 <= count <= len(self.thresholds):
+            raise ValueError(f"count must be in 1..{len(self.thresholds)}, got {count}")
+        return _sweep_result(self.thresholds[:count].copy(), self.confusions[:count], self.convention)
+
+
+def _sweep_result(thresholds: np.ndarray, confusions: np.ndarray, convention: Convention) -> SweepResult:
+    """A :class:`SweepResult` from a grid and its confusions ``(T, K, K)``: curves under both
+    conventions and the best threshold under ``convention`` (lowest on ties; index 0 when
+    every value is nan, i.e. no evaluated pixel)."""
+    iou = _per_class_iou(confusions)
+    curves = {conv: _mean_iou(confusions, iou, conv) for conv in CONVENTIONS}
+    curve = curves[convention]
+    best = int(np.nanargmax(curve)) if np.any(~np.isnan(curve)) else 0
+    return SweepResult(
+        thresholds=thresholds,
+        confusions=confusions,
+        convention=convention,
+        curves=curves,
+        best_index=best,
+        scores_at_best=scores_from_confusion(confusions[best]),
+    )
+
+
+# The sweep may be widened up to this threshold (CAMs lie in [0, 1]: at 1.0 every pixel is
+# background), in steps of SWEEP_EXTENSION.
+SWEEP_LIMIT: float = 1.0
+SWEEP_EXTENSION: float = 0.10
+
+
+def extend_until_interior(result: SweepResult, stop: float, extension: float = SWEEP_EXTENSION) -> SweepResult:
+    """The sweep over ``thresholds <= stop``, widened while its best threshold is its last one.
+
+    ``result`` holds the whole grid a sweep may use (up to :data:`SWEEP_LIMIT`). Starting with
+    the range ``[first threshold, stop]``, while the best threshold (lowest on ties) is the
+    range's upper end and the grid goes further, ``stop`` grows by ``extension``; the first
+    range whose best lies strictly inside it (or the whole grid) is returned. Its last
+    threshold is the range actually used. Rationale: an oracle at the upper end of the range
+    may lie past it (WeakTr on synthetic data peaks at or above 0.60); widening step by step
+    keeps the suite's range whenever the optimum is inside it. ValueError when ``extension``
+    is not positive or ``stop`` is below the grid.
+    """
+    if extension <= 0:
+        raise ValueError(f"extension must be positive, got {extension}")
+    grid = result.thresholds
+    if stop < grid[0] - 1e-9:
+        raise ValueError(f"stop {stop} lies below the sweep grid ({grid[0]}..{grid[-1]})")
+    while True:
+        count = int(np.searchsorted(grid, stop + 1e-9, side="right"))
+        window = result.upto(count)
+        if window.best_index < count - 1 or count == len(grid):
+            return window
+        stop += extension
 
 
 class CamThresholdSweep(Metric):
@@ -379,19 +451,7 @@ class CamThresholdSweep(Metric):
 
     def compute(self) -> SweepResult:
         """Curves for both conventions and the (oracle) best threshold."""
-        confusions = self.confusions.cpu().numpy()
-        iou = _per_class_iou(confusions)
-        curves = {conv: _mean_iou(confusions, iou, conv) for conv in CONVENTIONS}
-        curve = curves[self.convention]
-        best = int(np.nanargmax(curve)) if np.any(~np.isnan(curve)) else 0
-        return SweepResult(
-            thresholds=self.thresholds.copy(),
-            confusions=confusions,
-            convention=self.convention,
-            curves=curves,
-            best_index=best,
-            scores_at_best=scores_from_confusion(confusions[best]),
-        )
+        return _sweep_result(self.thresholds.copy(), self.confusions.cpu().numpy(), self.convention)
 
 
 # -- CRF-refined evaluation --------------------------------------------------------------------

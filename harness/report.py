@@ -53,8 +53,10 @@ leaderboard.csv columns (stable; ``pandas.read_csv``), in this order:
 ``<m>_ci_low, <m>_ci_high``        sample std, 95% t-interval of the mean (NaN for n < 2)
 ``rank_<m>``                       for m in :data:`RANK_METRICS`: 1 = best; equal numbers =
                                    not distinguishable over matched seeds
-``reference_<m>, delta_<m>``       for m in :data:`REFERENCE_METRICS`: the suite file's
-                                   published number and ours minus it (NaN if none)
+``reference_<m>, delta_<m>,``      for m in :data:`REFERENCE_METRICS`: the suite file's
+``reference_note_<m>``             published number, ours minus it (NaN if none, or if the
+                                   protocols differ) and '' or "not comparable: <why>"
+                                   (harness/references.py decides)
 ``reference_source``               the suite's citation / note for its published numbers
 ``time_<s>_s_mean, time_<s>_s_std`` wall seconds per stage s in STAGES and ``total``
 ``device_h_<s>``                   device hours per stage (mean over seeds): GPU hours on a
@@ -103,6 +105,7 @@ from harness import stats
 from harness.config import Suite
 from harness.environment import ENV_TAG, versions_text
 from harness.errors import ConfigError, ResultsError, TrackingError, unknown
+from harness.references import ORACLE_EPOCH_METRIC, REFERENCE_ALIASES, REFERENCE_METRICS, canonical_metric, comparability, parse_number
 from harness.tracking import EXPERIMENT_PREFIX, STATUS_TAG, TRIAL_TAG
 from harness.trial import STAGES
 
@@ -110,19 +113,21 @@ QUALITY_METRICS: tuple[str, ...] = (
     "cam_miou",
     "cam_miou_fixed",
     "cam_best_threshold",
+    "cam_fixed_threshold",
     "mask_miou",
+    "mask_miou_ignore255",
     "val_miou_ss",
     "val_miou_ms",
     "val_miou_ms_crf",
 )
 RANK_METRICS: tuple[str, ...] = ("cam_miou", "cam_miou_fixed", "mask_miou", "val_miou_ss", "val_miou_ms", "val_miou_ms_crf")
-REFERENCE_METRICS: tuple[str, ...] = ("cam_miou", "cam_miou_fixed", "mask_miou", "val_miou_ss", "val_miou_ms", "val_miou_ms_crf")
-# Suite files may write `val_miou` for the paper's headline val number: MS + flip + CRF.
-REFERENCE_ALIASES = {"val_miou": "val_miou_ms_crf", "cam": "cam_miou", "mask": "mask_miou"}
+# REFERENCE_METRICS, REFERENCE_ALIASES (`val_miou` = the paper's headline MS + flip + CRF
+# number) and the protocol rule live in harness/references.py.
+THRESHOLD_METRICS: tuple[str, ...] = ("cam_best_threshold", "cam_fixed_threshold")  # shown with 2 decimals
 COST_STAGES: tuple[str, ...] = STAGES + ("total",)
 TRAIN_STAGES: tuple[str, ...] = ("train_cam", "pseudo_masks", "train_seg")
 PER_CLASS_WHATS: tuple[str, ...] = ("cam", "mask", "val_ss", "val_ms", "val_ms_crf")
-RUN_METRICS: tuple[str, ...] = QUALITY_METRICS + ("mask_ignored_pct",) + tuple(f"time_{s}_s" for s in COST_STAGES) + (
+RUN_METRICS: tuple[str, ...] = QUALITY_METRICS + ("cam_threshold_stop", "mask_ignored_pct", "mask_eval_images") + tuple(f"time_{s}_s" for s in COST_STAGES) + (
     "params_total", "gmacs_total")
 # Back-compat names (harness/cli.py, older callers).
 REPORT_METRICS: tuple[str, ...] = QUALITY_METRICS + tuple(f"time_{s}_s" for s in COST_STAGES)
@@ -132,7 +137,9 @@ METRIC_TITLES = {
     "cam_miou": "CAM mIoU (best t, oracle)",
     "cam_miou_fixed": "CAM mIoU (fixed t)",
     "cam_best_threshold": "oracle t",
-    "mask_miou": "pseudo-mask mIoU (train)",
+    "cam_fixed_threshold": "fixed t",
+    "mask_miou": "pseudo-mask mIoU (cam-eval)",
+    "mask_miou_ignore255": "pseudo-mask mIoU (255 ignored)",
     "val_miou_ss": "val mIoU (SS)",
     "val_miou_ms": "val mIoU (MS+flip)",
     "val_miou_ms_crf": "val mIoU (MS+flip+CRF)",
@@ -141,7 +148,9 @@ SHORT_TITLES = {
     "cam_miou": "CAM* (oracle t)",
     "cam_miou_fixed": "CAM@t",
     "cam_best_threshold": "t*",
+    "cam_fixed_threshold": "t",
     "mask_miou": "mask",
+    "mask_miou_ignore255": "mask (255 ign.)",
     "val_miou_ss": "val SS",
     "val_miou_ms": "val MS",
     "val_miou_ms_crf": "val MS+CRF",
@@ -153,9 +162,10 @@ PROTOCOL = (
     "mIoU in %, background included, over pixels whose ground truth is not 255. Each cell is the mean ± sample std "
     "over seeds with the 95% Student-t confidence interval of the mean in brackets; n is always shown (std and CI need "
     "n ≥ 2). **CAM\\*** = CAM (seed) mIoU on the cam-eval split at the background threshold that the sweep found best "
-    "— an *oracle*, because the threshold is chosen with pixel labels; **CAM@t** = the same CAMs at the suite's fixed, "
-    "pre-declared threshold (not an oracle). **mask** = pseudo-mask mIoU on the training split (255 'unsure' pixels count "
-    "as background). **val SS** = segmentation on the val split, single scale, no CRF; **val MS** = the method's "
+    "— an *oracle*, because the threshold is chosen with pixel labels (the sweep widens past its configured end, to 1.00 "
+    "at most, while the best is its last threshold); **CAM@t** = the same CAMs at the method's own pre-declared threshold "
+    "(else the suite's fixed one; not an oracle). **mask** = pseudo-mask mIoU on the cam-eval images (255 'unsure' pixels "
+    "count as background; **mask (255 ign.)** does not score them, as AFA's evaluator). **val SS** = segmentation on the val split, single scale, no CRF; **val MS** = the method's "
     "multi-scale + flip protocol; **val MS+CRF** = that followed by dense CRF. Rank of a row = 1 + the number of rows "
     "distinguishably better than it in the paired comparison over matched seeds (95% CI of the mean paired difference "
     "excludes 0); rows share a rank when seed noise cannot separate them. A row with a noisy metric can therefore "
@@ -302,12 +312,15 @@ def _run_row(run, experiment_name: str) -> dict[str, Any] | None:
 
 
 def _oracle_threshold_at_sweep_end(done: pd.DataFrame) -> list[int]:
-    """Seeds whose best CAM threshold is the last one swept: the optimum may lie beyond."""
+    """Seeds whose best CAM threshold is the last one swept: the optimum may lie beyond. The
+    range used is the metric ``cam_threshold_stop`` (the sweep widens itself, to 1.0 at most);
+    older runs have only the configured ``eval.threshold_stop``."""
     if "cam_best_threshold" not in done:
         return []
     seeds = []
     for _, run in done.iterrows():
-        best, stop = run["cam_best_threshold"], json.loads(run["config"]).get("eval.threshold_stop")
+        used = run["cam_threshold_stop"] if "cam_threshold_stop" in run and not pd.isna(run["cam_threshold_stop"]) else None
+        best, stop = run["cam_best_threshold"], used if used is not None else json.loads(run["config"]).get("eval.threshold_stop")
         if stop is not None and not pd.isna(best) and abs(float(best) - float(stop)) < 1e-9:
             seeds.append(int(run["seed"]))
     return sorted(seeds)
@@ -434,7 +447,7 @@ def _protocol_text(config: dict[str, str]) -> str:
     parts = [
         f"averaging={get('eval.convention', 'present')}",
         f"CAM threshold sweep {get('eval.threshold_start')}..{get('eval.threshold_stop')} step {get('eval.threshold_step')}",
-        f"fixed t={get('eval.fixed_threshold')}",
+        f"fixed t=the method's own, else {get('eval.fixed_threshold')}",
     ]
     splits = {k.split('.', 1)[1]: v for k, v in config.items() if k.startswith("splits.")}
     if splits:
@@ -545,11 +558,9 @@ def build_leaderboard(
         for metric in RANK_METRICS:
             row[f"rank_{metric}"] = math.nan  # filled below
         published = _references_for(references, suite, method)
-        for metric in REFERENCE_METRICS:
-            ref = published.get(metric, math.nan)
-            row[f"reference_{metric}"] = ref
-            row[f"delta_{metric}"] = row[f"{metric}_mean"] - ref if not math.isnan(ref) else math.nan
-        row["reference_source"] = str(published.get("source", "")) if published else ""
+        row_config = json.loads((done if len(done) else group)["config"].iloc[0])
+        oracle_epoch = ORACLE_EPOCH_METRIC in done and bool(done[ORACLE_EPOCH_METRIC].notna().any())
+        row.update(_reference_columns(published, method, row, row_config, oracle_epoch))
         row.update(_cost(done))
         row["hardware"] = "; ".join(sorted(h for h in set(done["hardware"]) if h))
         row["run_ids"] = " ".join(done["run_id"])
@@ -559,7 +570,8 @@ def build_leaderboard(
         at_edge = _oracle_threshold_at_sweep_end(done)
         if at_edge:
             warnings.append(f"{suite}/{dataset}: **{label}**: the oracle CAM threshold is the sweep's upper end for seed(s) "
-                            f"{' '.join(map(str, at_edge))}; its CAM* may lie past the range (raise eval.threshold_stop).")
+                            f"{' '.join(map(str, at_edge))}; its CAM* may lie past the range (the sweep widens itself up to 1.00 since "
+                            "the cam_threshold_stop metric exists; older runs: raise eval.threshold_stop).")
         if missing and seeds:
             failed_seeds = sorted(int(s) for s in failed_here["seed"])
             note = f" (failed or unfinished: {' '.join(map(str, failed_seeds))})" if failed_seeds else ""
@@ -585,7 +597,7 @@ def build_leaderboard(
             warnings.append(f"{suite}/{dataset}: runs use different evaluation settings ({len(texts)} protocols); compare rows with care.")
     for suite in sorted(set(table["suite"])):
         for method, values in (references or {}).get(suite, {}).items():
-            bad = [k for k in values if k not in REFERENCE_METRICS and k not in REFERENCE_ALIASES and isinstance(values[k], (int, float))]
+            bad = [k for k in values if k != "source" and canonical_metric(k) not in REFERENCE_METRICS]
             if bad:
                 warnings.append(f"suite {suite}: reference numbers for {method} use unknown metric name(s) {', '.join(bad)}; "
                                 f"known: {', '.join(REFERENCE_METRICS + tuple(REFERENCE_ALIASES))}.")
@@ -612,11 +624,35 @@ def _row_key(row: dict[str, Any] | pd.Series) -> str:
 
 
 def _references_for(references, suite: str, method: str) -> dict[str, Any]:
+    """{"source": str, metric: parsed number} of one method; bare numbers (callers passing
+    raw tables) become {"value": x}; unknown metric names are skipped (warned about)."""
     raw = (references or {}).get(suite, {}).get(method, {})
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        name = REFERENCE_ALIASES.get(key, key)
-        out[name] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        name = canonical_metric(key)
+        if key == "source":
+            out["source"] = str(value)
+        elif name in REFERENCE_METRICS:
+            out[name] = parse_number(name, value, f"references of {suite}/{method} `{key}`")
+    return out
+
+
+def _reference_columns(published: dict[str, Any], method: str, row: dict[str, Any], config: dict[str, str],
+                       oracle_epoch: bool) -> dict[str, Any]:
+    """reference_<m>, delta_<m> (NaN unless the protocols match), reference_note_<m> and
+    reference_source (the table's citation, then each number's own source)."""
+    out: dict[str, Any] = {}
+    sources = [published["source"]] if published.get("source") else []
+    for metric in REFERENCE_METRICS:
+        number = published.get(metric)
+        note = comparability(number, metric, method, config, oracle_epoch) if number else ""
+        ref = number["value"] if number else math.nan
+        out[f"reference_{metric}"] = ref
+        out[f"delta_{metric}"] = row[f"{metric}_mean"] - ref if number and not note else math.nan
+        out[f"reference_note_{metric}"] = note
+        if number and number.get("source"):
+            sources.append(f"{SHORT_TITLES[metric]} {number['source']}")
+    out["reference_source"] = "; ".join(sources)
     return out
 
 
@@ -842,6 +878,16 @@ def report_blocks(board: Leaderboard, plots: dict[str, Any] | None = None, galle
     return out
 
 
+def _reference_cell(r: pd.Series, metric: str) -> str:
+    """'published / ours / Δ', the Δ replaced by the reason when the protocols differ."""
+    note = r.get(f"reference_note_{metric}", "")
+    if isinstance(note, str) and note:
+        last = note
+    else:
+        last = "-" if pd.isna(r[f"delta_{metric}"]) else format(r[f"delta_{metric}"], "+.1f")
+    return f"{fmt_num(r[f'reference_{metric}'])} / {fmt_num(r[f'{metric}_mean'])} / {last}"
+
+
 def _suite_blocks(board: Leaderboard, sub: pd.DataFrame) -> list[tuple]:
     out: list[tuple] = []
     suite, dataset = sub["suite"].iloc[0], sub["dataset"].iloc[0]
@@ -855,7 +901,7 @@ def _suite_blocks(board: Leaderboard, sub: pd.DataFrame) -> list[tuple]:
         cells = [fmt_rank(r, primary, board.table) if primary else "-", r["label"] + _flag(r), r["segmentation"], str(r["n_seeds"]),
                  (r["seeds"] or "none") + (f" (missing {r['missing_seeds']})" if r["missing_seeds"] else "")
                  + (f" ({r['n_failed']} failed)" if r["n_failed"] else "")]
-        cells += [fmt_stat(r, m, 2 if m == "cam_best_threshold" else 1, n_if_differs=r["n_seeds"]) for m in metrics]
+        cells += [fmt_stat(r, m, 2 if m in THRESHOLD_METRICS else 1, n_if_differs=r["n_seeds"]) for m in metrics]
         rows.append(cells)
     out.append(("table", head, rows, "main"))
     if any(r["code_flag"] for _, r in sub.iterrows()):
@@ -869,12 +915,13 @@ def _suite_blocks(board: Leaderboard, sub: pd.DataFrame) -> list[tuple]:
         sources = sorted({s for s in sub["reference_source"] if isinstance(s, str) and s})
         if sources:
             out.append(("p", "Source: " + "; ".join(sources) + "."))
-        out.append(("p", "Δ = ours − published. Published numbers come from the papers' datasets and recipes; on a different "
-                         "dataset, backbone or budget the difference is context, not a reproduction verdict."))
+        out.append(("p", "Δ = ours − published, printed only where the published number's declared protocol (split, "
+                         "scales, CRF, IRN, oracle epoch, method settings such as L_reg or backbone: the suite file's "
+                         "`[reference.<method>]`) matches the row's; otherwise the cell says why not. On a different "
+                         "dataset size or budget the difference is context, not a reproduction verdict."))
         with_refs = sub[sub[[f"reference_{m}" for m in refs]].notna().any(axis=1)]
         out.append(("table", ["method", "n"] + [f"{SHORT_TITLES[m]}: published / ours / Δ" for m in refs],
-                    [[r["label"], str(r["n_seeds"])] + [f"{fmt_num(r[f'reference_{m}'])} / {fmt_num(r[f'{m}_mean'])} / "
-                                                        f"{'-' if pd.isna(r[f'delta_{m}']) else format(r[f'delta_{m}'], '+.1f')}" for m in refs]
+                    [[r["label"], str(r["n_seeds"])] + [_reference_cell(r, m) for m in refs]
                      for _, r in with_refs.iterrows()], "refs"))
 
     pair = board.pairwise[(board.pairwise["suite"] == suite) & (board.pairwise["dataset"] == dataset)] if not board.pairwise.empty else board.pairwise
@@ -1035,7 +1082,7 @@ def leaderboard_table(board: Leaderboard):
         table.add_row(*lead, label, f"{row['n_seeds']}/{expected}", *cells,
                       fmt_rank(row, primary, board.table) if primary else "-", fmt_hours(row["time_total_s_mean"] / 3600),
                       fmt_num(row["params_total"] / 1e6, 2), fmt_num(row["gmacs_total"], 2))
-    table.caption = (f"n = finished/expected seeds. CAM* = best background threshold (oracle); CAM@t = the suite's fixed threshold. Rank by "
+    table.caption = (f"n = finished/expected seeds. CAM* = best background threshold (oracle); CAM@t = the method's own fixed threshold. Rank by "
                      f"{SHORT_TITLES.get(primary, '-')}; '=' = not distinguishable from seed noise; no rank with n < 2.")
     return table
 
@@ -1174,7 +1221,7 @@ def leaderboard_columns() -> list[str]:
         cols += [f"{m}_n", f"{m}_mean", f"{m}_std", f"{m}_ci_low", f"{m}_ci_high"]
     cols += [f"rank_{m}" for m in RANK_METRICS]
     for m in REFERENCE_METRICS:
-        cols += [f"reference_{m}", f"delta_{m}"]
+        cols += [f"reference_{m}", f"delta_{m}", f"reference_note_{m}"]
     cols += ["reference_source"]
     for s in COST_STAGES:
         cols += [f"time_{s}_s_mean", f"time_{s}_s_std"]
@@ -1183,7 +1230,7 @@ def leaderboard_columns() -> list[str]:
     return cols
 
 
-def suite_references(suites: list[Suite]) -> dict[str, dict[str, dict[str, float]]]:
+def suite_references(suites: list[Suite]) -> dict[str, dict[str, dict[str, Any]]]:
     return {s.name: s.reference for s in suites}
 
 

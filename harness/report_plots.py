@@ -3,7 +3,7 @@
 * ``pareto``: primary mIoU vs training wall hours, 95% CI error bars, the Pareto front
   (rows no other row beats on both cost and mIoU) joined by a line;
 * ``cam_curve``: CAM mIoU vs background threshold, mean over seeds with a ± std band, the
-  oracle best threshold marked, the suite's fixed threshold as a dashed line;
+  oracle best threshold marked, the fixed thresholds used (cam_fixed_threshold) as dashed lines;
 * ``per_class_<what>``: grouped per-class IoU bars (mean, std whiskers) for CAM, pseudo
   masks and the best val protocol.
 
@@ -124,7 +124,10 @@ def cam_curve_plot(runs: pd.DataFrame, curves: dict[str, list[tuple[float, float
             continue
         by_label.setdefault(run["label"], []).append({round(t, 4): v for t, v in curve})
         config = json.loads(run.get("config", "{}") or "{}")
-        if "eval.fixed_threshold" in config:
+        declared = run.get("cam_fixed_threshold")  # the threshold used (the method's own); older runs: the suite's
+        if declared is not None and not pd.isna(declared):
+            fixed.add(float(declared))
+        elif "eval.fixed_threshold" in config:
             try:
                 fixed.add(float(config["eval.fixed_threshold"]))
             except ValueError:

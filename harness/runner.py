@@ -21,14 +21,14 @@ from harness.common_seg import CommonSegConfig, CommonSegmenter, common_seg_conf
 from harness.config import TrialSpec, build_method_config
 from harness.datasets import create_dataset
 from harness.datasets.base import Dataset, Split
-from harness.errors import ConfigError
-from harness.evaluation import CamThresholdSweep, SegmentationMetric
+from harness.errors import ConfigError, DataError
+from harness.evaluation import SWEEP_LIMIT, CamThresholdSweep, SegmentationMetric, default_thresholds, extend_until_interior
 from harness.profiling import count_macs, count_params, measure
 from harness.trial import STAGES, StageRecord, TrialDir
 from harness.visualize import heatmap, load_label_png, save_label_png, save_rgb_png
 from methods import load_all
 from methods.common.crf import dense_crf_many
-from methods.base import Method, NoPrediction, Sample, StageContext, stack_samples, to_uint8_image
+from methods.base import IGNORE_INDEX, Method, NoPrediction, Sample, StageContext, stack_samples, to_uint8_image
 
 # (stage, done, total) progress callback; done == total == 0 announces a stage start.
 ProgressFn = Callable[[str, int, int], None]
@@ -131,6 +131,35 @@ def _size_groups(split: Split, indices: Sequence[int], batch_size: int) -> Itera
         yield batch
 
 
+def _gt_masks(batch: Sequence[Sample], what: str, split: Split) -> torch.Tensor:
+    """The batch's ground-truth masks as a ``(B, H, W)`` int64 tensor for scoring ``what``.
+
+    DataError naming the image and split when one has no mask: scoring must not silently
+    skip images (a val set that lost its masks would otherwise score nothing)."""
+    for sample in batch:
+        if sample.mask is None:
+            raise DataError(
+                f"Image {sample.id} of split '{split.name}' has no ground-truth mask, but {what} mIoU is scored on "
+                f"it. Every image of the {what} role must have a mask; check the dataset's masks or choose another "
+                "split in the suite's [splits] table."
+            )
+    return torch.from_numpy(np.stack([s.mask for s in batch]).astype(np.int64))
+
+
+def _require_labelled(num_pixels: int, what: str, role: str, split: Split, num_images: int) -> None:
+    """DataError when nothing was scored: ground truth with no labelled pixel (every pixel
+    255) gives no mIoU at all, and a trial must not finish with a nan and threshold 0.00.
+
+    Policy (README "Metrics"): stop the trial with this error naming the split; it is
+    recorded as failed, and its finished stages are kept for a resume after the fix."""
+    if num_pixels == 0:
+        raise DataError(
+            f"{what} mIoU cannot be computed: the {num_images} image(s) of split '{split.name}' ({role} role) "
+            f"have no labelled ground-truth pixel (every mask pixel is {IGNORE_INDEX} = ignore). Fix the masks or "
+            "choose another split in the suite's [splits] table."
+        )
+
+
 class TrialRunner:
     """Runs one trial from its last finished stage to the end."""
 
@@ -215,14 +244,14 @@ class TrialRunner:
         """``StageContext.score_cams``: CAM mIoU (%) of the method's current ``cams()`` on the
         cam-eval split at the best threshold of the eval sweep (an oracle: pixel labels)."""
         ev, split = self.eval, self.split("cam_eval")
-        thresholds = np.round(np.arange(ev["threshold_start"], ev["threshold_stop"] + 1e-9, ev["threshold_step"]), 4)
-        sweep = CamThresholdSweep(num_classes=self.dataset.info.num_classes, thresholds=thresholds, convention=ev["convention"])
+        grid = default_thresholds(ev["threshold_start"], SWEEP_LIMIT, ev["threshold_step"])  # as the cams stage
+        sweep = CamThresholdSweep(num_classes=self.dataset.info.num_classes, thresholds=grid, convention=ev["convention"])
         for batch in _size_groups(split, self._limited(split, ev["max_cam_eval"]), ev["batch_size"]):
             images, labels = stack_samples(batch)
             with torch.no_grad():
                 cams = self.method.cams(images.to(self.device), labels.to(self.device), **_ids(self.method, batch)).float().cpu()
-            sweep.update(cams, labels, torch.from_numpy(np.stack([s.mask for s in batch]).astype(np.int64)))
-        return sweep.compute().best_miou * 100
+            sweep.update(cams, labels, _gt_masks(batch, "cam_eval", split))
+        return extend_until_interior(sweep.compute(), ev["threshold_stop"]).best_miou * 100
 
     # -- stages ----------------------------------------------------------------------------
     def _stage_train_cam(self):
@@ -256,8 +285,16 @@ class TrialRunner:
         split = self.split("cam_eval")
         info = self.dataset.info
         ev = self.eval
-        thresholds = np.round(np.arange(ev["threshold_start"], ev["threshold_stop"] + 1e-9, ev["threshold_step"]), 4)
-        sweep = CamThresholdSweep(num_classes=info.num_classes, thresholds=thresholds)
+        conv = ev["convention"]
+        # The grid runs to SWEEP_LIMIT so the range can widen past threshold_stop without a
+        # second pass over the CAMs (extend_until_interior picks the range actually used).
+        grid = default_thresholds(ev["threshold_start"], SWEEP_LIMIT, ev["threshold_step"])
+        sweep = CamThresholdSweep(num_classes=info.num_classes, thresholds=grid, convention=conv)
+        declared = self.method.cam_threshold()  # the method's own threshold, else the suite's
+        fixed_t = float(ev["fixed_threshold"] if declared is None else declared)
+        if not 0.0 <= fixed_t <= 1.0:
+            raise RuntimeError(f"method {self.spec.method!r}: cam_threshold() returned {fixed_t}, expected a value in [0, 1]")
+        fixed_sweep = CamThresholdSweep(num_classes=info.num_classes, thresholds=[fixed_t], convention=conv)
         gallery = self.gallery_ids(split)
         indices = self._limited(split, ev["max_cam_eval"])
         done = 0
@@ -266,8 +303,9 @@ class TrialRunner:
             with torch.no_grad():
                 cams = self.method.cams(images.to(self.device), labels.to(self.device), **_ids(self.method, batch)).float().cpu()
             self._check_cams(cams, images, labels)
-            targets = torch.from_numpy(np.stack([s.mask for s in batch]).astype(np.int64))
+            targets = _gt_masks(batch, "cam_eval", split)
             sweep.update(cams, labels, targets)
+            fixed_sweep.update(cams, labels, targets)
             for sample, cam in zip(batch, cams):
                 present = np.flatnonzero(sample.labels > 0)
                 np.savez_compressed(self.dir.root / "cams" / f"{sample.id}.npz", classes=present, cams=cam[present].numpy().astype(np.float16))
@@ -278,13 +316,17 @@ class TrialRunner:
                     save_rgb_png(heatmap(cam[present].numpy(), sample.image), g / f"{sample.id}_cam.png")
             done += len(batch)
             self.progress("cams", done, len(indices))
-        result = sweep.compute()
-        fixed = result.at(ev["fixed_threshold"])
-        conv = ev["convention"]
+        full = sweep.compute()
+        _require_labelled(full.num_pixels, "CAM", "cam_eval", split, len(indices))
+        result = extend_until_interior(full, ev["threshold_stop"])
+        fixed = fixed_sweep.compute().scores_at_best
         metrics = {
             "cam_miou": result.best_miou * 100,
             "cam_best_threshold": float(result.best_threshold),
+            "cam_threshold_start": float(result.thresholds[0]),
+            "cam_threshold_stop": float(result.thresholds[-1]),
             "cam_miou_fixed": fixed.miou(conv) * 100,
+            "cam_fixed_threshold": fixed_t,
             "cam_miou_gt": result.scores_at_best.miou("gt") * 100,
             "cam_miou_present": result.scores_at_best.miou("present") * 100,
         }
@@ -313,16 +355,34 @@ class TrialRunner:
         cams[torch.from_numpy(data["classes"])] = torch.from_numpy(data["cams"].astype(np.float32))
         return cams
 
+    def _mask_eval_ids(self, train: Split) -> set[str]:
+        """Ids whose pseudo mask is scored: the cam-eval images CAM mIoU is scored on (the
+        papers score pseudo masks on VOC train, the cam-eval role, not on all of train_aug).
+        DataError when none of them is in the train split (nothing could be scored)."""
+        cam_split = self.split("cam_eval")
+        ids = {cam_split.ids[i] for i in self._limited(cam_split, self.eval["max_cam_eval"])}
+        scored = ids & set(train.ids)
+        if not scored:
+            raise DataError(
+                f"Pseudo-mask mIoU is scored on the cam-eval images that are in the train split, but none of the "
+                f"{len(ids)} cam-eval image(s) of split '{cam_split.name}' is in train split '{train.name}' "
+                f"(dataset {self.spec.dataset}). Choose a cam_eval split that is a subset of the train split in the "
+                "suite's [splits] table."
+            )
+        return scored
+
     def _stage_pseudo_masks(self):
         split = self.split("train")
         C = self.dataset.info.num_classes
-        # A pseudo mask's 255 ("unsure") pixels count as background: dropping them would
-        # inflate mask mIoU; their share is reported separately as mask_ignored_pct.
-        metric = SegmentationMetric(num_classes=C, pred_ignore_as=0)
+        scored_ids = self._mask_eval_ids(split)
+        # mask_miou: a pseudo mask's 255 ("unsure") pixels count as background (dropping them
+        # can only help a method that abstains); mask_miou_ignore255: AFA's evaluator, which
+        # does not score them. Their share of all training masks is mask_ignored_pct.
+        as_background = SegmentationMetric(num_classes=C, pred_ignore_as=0)
+        dropped = SegmentationMetric(num_classes=C, drop_pred_ignore=True)
         ignored, total_px = 0, 0
         gallery = self.gallery_ids(self.split("cam_eval"))
         indices = list(range(len(split)))
-        has_gt = 0
         done = 0
         for batch in _size_groups(split, indices, self.eval["batch_size"]):
             images, labels = stack_samples(batch)
@@ -340,22 +400,30 @@ class TrialRunner:
                 save_label_png(arr, self.dir.root / "pseudo" / f"{sample.id}.png")
                 ignored += int((mask == 255).sum())
                 total_px += mask.numel()
-                if sample.mask is not None:
-                    metric.update(mask[None], torch.from_numpy(sample.mask.astype(np.int64))[None])
-                    has_gt += 1
+                if sample.id in scored_ids:
+                    target = _gt_masks([sample], "cam_eval", split)
+                    as_background.update(mask[None], target)
+                    dropped.update(mask[None], target)
                 if sample.id in gallery:
                     save_label_png(arr, self.dir.root / "gallery" / f"{sample.id}_mask.png")
             done += len(batch)
             self.progress("pseudo_masks", done, len(indices))
-        metrics: dict[str, float] = {"mask_ignored_pct": 100.0 * ignored / max(1, total_px)}
-        if has_gt:
-            scores = metric.compute()
-            metrics = {
-                "mask_miou": scores.miou(self.eval["convention"]) * 100,
-                "mask_miou_gt": scores.miou("gt") * 100,
-                "mask_miou_present": scores.miou("present") * 100,
-            }
-            metrics.update(self._per_class("mask", scores.per_class_iou))
+        scores = as_background.compute()
+        _require_labelled(scores.num_pixels, "pseudo-mask", "cam_eval", split, len(scored_ids))
+        conv = self.eval["convention"]
+        ignore255 = dropped.compute()
+        metrics: dict[str, float] = {
+            "mask_ignored_pct": 100.0 * ignored / max(1, total_px),
+            "mask_eval_images": float(len(scored_ids)),
+            "mask_miou": scores.miou(conv) * 100,
+            "mask_miou_gt": scores.miou("gt") * 100,
+            "mask_miou_present": scores.miou("present") * 100,
+        }
+        if ignore255.num_pixels:  # else every scored pixel is 255 in the pseudo masks: undefined
+            metrics["mask_miou_ignore255"] = ignore255.miou(conv) * 100
+            metrics["mask_miou_ignore255_gt"] = ignore255.miou("gt") * 100
+            metrics["mask_miou_ignore255_present"] = ignore255.miou("present") * 100
+        metrics.update(self._per_class("mask", scores.per_class_iou))
         return "done", metrics, {}
 
     def _check_masks(self, masks: torch.Tensor, images: torch.Tensor) -> None:
@@ -419,7 +487,7 @@ class TrialRunner:
         for batch in _size_groups(split, indices, ev["batch_size"]):
             images, _ = stack_samples(batch)
             images = images.to(self.device)
-            targets = torch.from_numpy(np.stack([s.mask for s in batch]).astype(np.int64))
+            targets = _gt_masks(batch, "val", split)
             with torch.no_grad():
                 ids = _ids(self._segmenter(), batch)
                 logits = {"ss": self._segmenter().segment(images, multiscale=False, **ids).float().cpu()}
@@ -443,6 +511,7 @@ class TrialRunner:
         metrics: dict[str, float] = {}
         for name, metric in metrics_by.items():
             scores = metric.compute()
+            _require_labelled(scores.num_pixels, "val", "val", split, len(indices))
             metrics[f"val_miou_{name}"] = scores.miou(ev["convention"]) * 100
             metrics[f"val_miou_{name}_gt"] = scores.miou("gt") * 100
             metrics[f"val_miou_{name}_present"] = scores.miou("present") * 100

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.common_seg import common_seg_config
-from harness.config import EvalConfig, Overrides, Suite, TrialSpec, build_method_config, coerce
+from harness.config import EvalConfig, Overrides, Suite, TrialSpec, build_method_config, check_eval_config, coerce
 from harness.datasets import create_dataset, dataset_options
 from harness.errors import ConfigError, WsssError, suggest, unknown
 from harness.runner import ProgressFn, TrialRunner
@@ -88,9 +88,7 @@ def _eval_config(suite: Suite, overrides: Overrides) -> EvalConfig:
         if key not in fields:
             raise ConfigError(f"Unknown eval option `{key}`.{suggest(key, fields)} Options: {', '.join(fields)}.")
         setattr(config, key, coerce(value, fields[key].type, f"eval option `{key}`"))
-    if config.convention not in ("present", "gt"):
-        raise ConfigError(f"eval option `convention` must be \"present\" or \"gt\", got {config.convention!r}.")
-    return config
+    return check_eval_config(config, "eval options")
 
 
 def _method_config(name: str, cls: type, suite: Suite, overrides: Overrides) -> dict[str, Any]:

@@ -8,10 +8,12 @@ convention, the unsuffixed name uses the suite's default, "present"):
 =========================  ===================================================================
 ``cam_miou``               CAM mIoU at the sweep's best background threshold (an oracle: the
                            threshold is picked with train pixel labels), cam-eval split
-``cam_best_threshold``     that threshold
-``cam_miou_fixed``         CAM mIoU at the suite's fixed threshold (not an oracle)
+``cam_best_threshold``     that threshold (``cam_threshold_start`` / ``_stop``: the range swept)
+``cam_miou_fixed``         CAM mIoU at the method's own threshold (not an oracle), else the
+                           suite's; ``cam_fixed_threshold`` is the one used
 ``cam_curve``              CAM mIoU per threshold, logged with step = round(100 * threshold)
-``mask_miou``              pseudo-mask mIoU on the training split (images with GT)
+``mask_miou``              pseudo-mask mIoU on the cam-eval images (``mask_miou_ignore255``:
+                           pseudo-mask 255 pixels not scored; ``mask_ignored_pct``: their share)
 ``val_miou_ss``            val mIoU, single scale
 ``val_miou_ms``            val mIoU, the method's multi-scale + flip protocol
 ``val_miou_ms_crf``        the same followed by dense CRF

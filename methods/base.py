@@ -196,6 +196,13 @@ class Method(abc.ABC):
         size = self.dataset.input_size
         return {name: (torch.zeros(1, 3, size, size),) for name in self.networks()}
 
+    def cam_threshold(self) -> float | None:
+        """The background threshold in [0, 1] this method itself declares for its CAMs (a
+        pixel is foreground when a present class's CAM exceeds it), or None for none. The
+        harness reports CAM mIoU at it beside the oracle sweep; None: the suite's
+        ``eval.fixed_threshold``."""
+        return None
+
     def crf_params(self) -> CRFParams:
         """Dense-CRF parameters for the ``+CRF`` val protocol."""
         return CRFParams()

@@ -509,7 +509,7 @@ def test_suite_recipes_use_config_fields_and_synthetic_is_the_default():
     defaults = AFAConfig()
     for key, value in load_suite("synthetic").method_params["afa"].items():
         assert getattr(defaults, key) == (tuple(value) if isinstance(value, list) else value), key
-    assert set(load_suite("voc").reference["afa"]) <= {"cam_miou", "mask_miou", "val_miou"}
+    assert set(load_suite("voc").reference["afa"]) <= {"source", "mask_miou_ignore255", "val_miou_ms", "val_miou_ms_crf"}
 
 
 # -- test resolution (authors' test_msc_flip.py --resize_long 512) ------------------------------

@@ -79,6 +79,28 @@ def test_unknown_suite_and_bad_suite_file(tmp_path):
         load_suite(str(bad))
 
 
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ("threshold_stop = 1.2", "need 0 <= threshold_start <= threshold_stop <= 1"),
+        ("threshold_start = 0.5\nthreshold_stop = 0.4", "threshold_start = 0.5, threshold_stop = 0.4"),
+        ("threshold_step = 0", "`threshold_step` must be in (0, 1], got 0.0"),
+        ("fixed_threshold = -0.1", "`fixed_threshold` must be in [0, 1], got -0.1"),
+        ('convention = "mean"', '`convention` must be "present" or "gt", got \'mean\''),
+    ],
+)
+def test_bad_eval_values_name_the_suite_file(tmp_path, table, message):
+    path = tmp_path / "ev.toml"
+    path.write_text(f"[suite]\ndataset = 'synthetic'\n[eval]\n{table}\n")
+    with pytest.raises(ConfigError) as info:
+        load_suite(str(path))
+    assert f"{path} [eval]" in str(info.value) and message in str(info.value)
+
+
+def test_bad_eval_override_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval options: `fixed_threshold` must be in \[0, 1\], got 1.5"):
+        _plan(tmp_path, overrides=Overrides(dataset=dict(TINY), eval={"fixed_threshold": "1.5"}))
+
 def test_every_shipped_suite_loads_and_plans(tmp_path):
     from harness.config import list_suites
 

@@ -16,6 +16,7 @@ from harness.evaluation import (
     SegmentationMetric,
     default_thresholds,
     evaluate_with_crf,
+    extend_until_interior,
     scores_from_confusion,
 )
 from methods.base import CRFParams
@@ -93,6 +94,24 @@ def test_numpy_inputs_and_pred_ignore_as():
     metric = SegmentationMetric(2, pred_ignore_as=0)
     metric.update(pred, GT.numpy().astype(np.uint8))
     np.testing.assert_array_equal(metric.compute().confusion, CONF)
+
+
+def test_drop_pred_ignore_scores_only_pixels_the_mask_is_sure_about():
+    # GT [0, 0, 1, 1], pseudo mask [0, 255, 255, 1], one foreground class.
+    target = torch.tensor([[[0, 0, 1, 1]]])
+    pred = torch.tensor([[[0, 255, 255, 1]]])
+    as_bg = SegmentationMetric(1, pred_ignore_as=0)
+    as_bg.update(pred, target)
+    # 255 -> background: pred [0, 0, 0, 1]; IoU bg 2 / (2 + 3 - 2) = 2/3, fg 1 / (2 + 1 - 1) = 1/2.
+    assert as_bg.compute().miou_present == pytest.approx((2 / 3 + 1 / 2) / 2)
+    dropped = SegmentationMetric(1, drop_pred_ignore=True)
+    dropped.update(pred, target)
+    s = dropped.compute()
+    # Only pixels 0 and 3 are scored, both right: confusion [[1, 0], [0, 1]], mIoU 1.
+    np.testing.assert_array_equal(s.confusion, [[1, 0], [0, 1]])
+    assert s.miou_present == 1.0 and s.num_pixels == 2
+    with pytest.raises(ValueError, match="not both"):
+        SegmentationMetric(1, pred_ignore_as=0, drop_pred_ignore=True)
 
 
 @pytest.mark.parametrize(
@@ -236,3 +255,77 @@ def test_evaluate_with_crf_length_mismatch():
     image, probs, target = _crf_case(8, 8, 0)
     with pytest.raises(ValueError, match="length"):
         evaluate_with_crf([image], [probs], [target, target], CRFParams(), workers=1)
+
+
+# One image, 6 pixels, two foreground classes, both in the image labels. GT [0,0,0,1,1,1].
+# CAMs are off the 0.01 grid so no threshold ties a CAM value.
+CONV_CAMS = torch.tensor([[[[0.0, 0.0, 0.0, 0.895, 0.895, 0.695]],   # class 1 (label 1)
+                           [[0.795, 0.0, 0.0, 0.0, 0.0, 0.0]]]])      # class 2 (label 2), not in GT
+CONV_LABELS = torch.tensor([[1.0, 1.0]])
+CONV_GT = torch.tensor([[[0, 0, 0, 1, 1, 1]]])
+# t < 0.695: pred [2,0,0,1,1,1]: IoU bg 2/3, c1 1, c2 0 -> present (2/3+1+0)/3 = 5/9, gt (2/3+1)/2 = 5/6
+# 0.795 <= t < 0.895: pred [0,0,0,1,1,0]: IoU bg 3/4, c1 2/3, c2 nan -> present = gt = 17/24
+# So "present" (which counts the false class-2 pixel as a zero) picks 0.80, "gt" picks 0.00.
+
+
+@pytest.mark.parametrize(("convention", "best_t", "best"), [("present", 0.80, 17 / 24), ("gt", 0.0, 5 / 6)])
+def test_sweep_best_threshold_follows_the_convention(convention, best_t, best):
+    sweep = CamThresholdSweep(2, convention=convention, stop=1.0)
+    sweep.update(CONV_CAMS, CONV_LABELS, CONV_GT)
+    result = sweep.compute()
+    assert result.convention == convention
+    assert result.best_threshold == pytest.approx(best_t) and result.best_miou == pytest.approx(best)
+    assert result.curves[Convention.PRESENT][0] == pytest.approx(5 / 9)
+    assert result.curves[Convention.GT][0] == pytest.approx(5 / 6)
+
+
+def _ramp_sweep(convention: str = "present"):
+    """GT [0, 0, 1, 1], one class, CAM [0.245, 0.545, 0.745, 0.945], grid 0.00..1.00."""
+    sweep = CamThresholdSweep(1, stop=1.0, convention=convention)
+    sweep.update(torch.tensor([[[[0.245, 0.545, 0.745, 0.945]]]]), torch.tensor([[1.0]]), torch.tensor([[[0, 0, 1, 1]]]))
+    return sweep.compute()
+
+
+def test_extend_until_interior_widens_only_while_the_best_is_the_last_threshold():
+    full = _ramp_sweep()
+    # mIoU (present) per regime: t < 0.245: all fg -> (0 + 2/4)/2 = 0.25; 0.245..0.545: pred
+    # [0,1,1,1] -> (1/2 + 2/3)/2 = 7/12; 0.55..0.74: perfect -> 1; 0.75..0.94: 7/12; >= 0.95: 0.25.
+    np.testing.assert_allclose(full.curve[[0, 30, 55, 80, 100]], [0.25, 7 / 12, 1.0, 7 / 12, 0.25])
+    kept = extend_until_interior(full, 0.60)  # best 0.55 < 0.60: the suite's range stands
+    assert kept.thresholds[-1] == pytest.approx(0.60) and len(kept.thresholds) == 61
+    assert kept.best_threshold == pytest.approx(0.55) and kept.best_miou == 1.0
+    # Range 0..0.55: best is its last threshold (0.55 beats 7/12 below) -> widened by 0.10 to
+    # 0.65, where 0.55 is inside.
+    wider = extend_until_interior(full, 0.55)
+    assert wider.thresholds[-1] == pytest.approx(0.65) and len(wider.curve) == 66
+    assert wider.best_threshold == pytest.approx(0.55)
+    # Range 0..0.30: best 0.25 (7/12) is inside already (0.26..0.30 tie, ties go low).
+    assert extend_until_interior(full, 0.30).thresholds[-1] == pytest.approx(0.30)
+    # Range 0..0.20: best 0.00 (0.25 everywhere: tie, lowest) is inside.
+    assert extend_until_interior(full, 0.20).best_threshold == 0.0
+
+
+def test_extend_until_interior_stops_at_the_end_of_the_grid():
+    # A curve rising in steps up to 1.0: one class, GT all background, 10 pixels with CAMs
+    # 0.095, 0.195, ..., 0.995. At t, pixels above t are (wrong) foreground: bg IoU = #bg / 10,
+    # and the predicted class counts as a 0 ("present") until t >= 0.995, where every pixel is
+    # background (mIoU 1). Each range 0..0.60, 0..0.70, ... ends on the first threshold of its
+    # best plateau, so the sweep widens to the grid's end, 1.00.
+    sweep = CamThresholdSweep(1, stop=1.0)
+    cams = torch.arange(10, dtype=torch.float32).mul(0.1).add(0.095).reshape(1, 1, 1, 10)
+    sweep.update(cams, torch.tensor([[1.0]]), torch.zeros(1, 1, 10, dtype=torch.long))
+    result = extend_until_interior(sweep.compute(), 0.60)
+    assert result.thresholds[-1] == 1.0 and result.best_threshold == 1.0 and len(result.thresholds) == 101
+    assert result.curve[60] == pytest.approx(0.6 / 2)  # t = 0.60: 6 of 10 pixels bg, fg class IoU 0
+    with pytest.raises(ValueError, match="extension"):
+        extend_until_interior(result, 0.6, extension=0.0)
+
+
+def test_sweep_num_pixels_and_upto():
+    full = _ramp_sweep()
+    assert full.num_pixels == 4
+    head = full.upto(11)  # thresholds 0.00..0.10: curve flat at 0.25 -> best 0.00
+    assert len(head.thresholds) == 11 and head.best_index == 0
+    empty = CamThresholdSweep(1)
+    empty.update(torch.full((1, 1, 1, 2), 0.5), torch.tensor([[1.0]]), torch.full((1, 1, 2), 255))
+    assert empty.compute().num_pixels == 0

@@ -124,6 +124,50 @@ def test_published_numbers_and_delta(board):
     assert math.isnan(row(board, "gamma")["reference_val_miou_ss"])
 
 
+def test_delta_only_where_the_published_protocol_matches(uri):
+    # alpha's runs record method.epochs = "2" and no splits (tests/report_store.py).
+    refs = {"demo": {"alpha": {
+        "source": "Paper",
+        "val_miou_ss": {"value": 60.0, "source": "Tab. 9", "config": {"epochs": 2}},   # matches -> delta
+        "cam_miou": {"value": 50.0, "config": {"epochs": 3}},                        # recipe differs
+        "val_miou": {"value": 70.0, "split": "val"},                                 # split not recorded
+    }}}
+    board = report.build_leaderboard(report.fetch_runs(uri), refs)
+    alpha = row(board, "alpha")
+    assert alpha["delta_val_miou_ss"] == pytest.approx(62.0 - 60.0) and alpha["reference_note_val_miou_ss"] == ""
+    assert alpha["reference_cam_miou"] == 50.0 and math.isnan(alpha["delta_cam_miou"])
+    assert alpha["reference_note_cam_miou"] == "not comparable: published with alpha.epochs = 3, ours 2"
+    assert math.isnan(alpha["delta_val_miou_ms_crf"])
+    assert "do not record their val split" in alpha["reference_note_val_miou_ms_crf"]
+    assert alpha["reference_source"] == "Paper; val SS Tab. 9"
+    text = report.to_markdown(board, {}, {})
+    assert "60.0 / 62.0 / +2.0" in text
+    assert "50.0 / 52.0 / not comparable: published with alpha.epochs = 3, ours 2" in text
+
+
+def test_oracle_threshold_warning_uses_the_range_actually_swept():
+    base = {"suite": "s", "dataset": "d", "method": "m", "seed": 0, "status": "finished", "run_id": "r",
+            "config": '{"eval.threshold_stop": "0.6"}', "cam_best_threshold": 0.6}
+    # The sweep widened to 0.70 and its best 0.60 lies inside: no warning. Old runs (no
+    # cam_threshold_stop) and a best at the widened end (1.0) are flagged.
+    widened = pd.DataFrame([{**base, "cam_threshold_stop": 0.7}])
+    assert report._oracle_threshold_at_sweep_end(widened) == []
+    assert report._oracle_threshold_at_sweep_end(pd.DataFrame([base])) == [0]
+    at_end = pd.DataFrame([{**base, "cam_best_threshold": 1.0, "cam_threshold_stop": 1.0}])
+    assert report._oracle_threshold_at_sweep_end(at_end) == [0]
+
+
+def test_oracle_epoch_choice_is_read_from_the_runs_metrics():
+    # Two finished seeds of one row; the runs logged cam_selected_epoch (an oracle checkpoint).
+    runs = pd.DataFrame([{"suite": "s", "dataset": "d", "method": "weaktr", "seed": seed, "status": "finished",
+                          "run_id": f"r{seed}", "config": "{}", "cam_miou": 60.0 + seed, "cam_selected_epoch": 5.0}
+                         for seed in (0, 1)])
+    refs = {"s": {"weaktr": {"cam_miou": {"value": 66.2, "best_epoch": True}}}}
+    oracle = report.build_leaderboard(runs, refs).table.iloc[0]
+    assert oracle["delta_cam_miou"] == pytest.approx(60.5 - 66.2) and oracle["reference_note_cam_miou"] == ""
+    last = report.build_leaderboard(runs.drop(columns="cam_selected_epoch"), refs).table.iloc[0]
+    assert math.isnan(last["delta_cam_miou"]) and "oracle" in last["reference_note_cam_miou"]
+
 def test_cost_columns(board):
     alpha = row(board, "alpha")
     assert alpha["time_train_cam_s_mean"] == pytest.approx(101.0) and alpha["time_train_cam_s_std"] == pytest.approx(1.0)

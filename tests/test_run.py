@@ -19,7 +19,8 @@ from harness.tracking import default_tracking_uri
 
 TINY = ["dataset.num_train=12", "dataset.num_val=6", "dataset.image_size=64", "epochs=1", "seg_epochs=1",
         "crop=64", "seg_crop=64", "batch_size=6", "seg_batch_size=6", "eval.gallery_size=2"]
-CORE_METRICS = ["cam_miou", "cam_best_threshold", "cam_miou_fixed", "mask_miou", "val_miou_ss", "val_miou_ms",
+CORE_METRICS = ["cam_miou", "cam_best_threshold", "cam_miou_fixed", "cam_fixed_threshold", "cam_threshold_stop", "mask_miou",
+                "mask_miou_ignore255", "mask_ignored_pct", "val_miou_ss", "val_miou_ms",
                 "val_miou_ms_crf", "params_total", "gmacs_total", "time_train_cam_s", "time_segment_s", "peak_rss_train_cam_mb"]
 
 
@@ -64,7 +65,9 @@ def test_every_metric_lands_in_mlflow_and_report(finished):
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 1
     assert run.data.params["method.epochs"] == "1"
     curve = MlflowClient(default_tracking_uri(finished)).get_metric_history(run.info.run_id, "cam_curve")
-    assert [p.step for p in curve] == list(range(0, 61))
+    # the whole range swept: 0.00 .. cam_threshold_stop (0.60, or wider when the best was at its end)
+    assert [p.step for p in curve] == list(range(0, round(run.data.metrics["cam_threshold_stop"] * 100) + 1))
+    assert run.data.metrics["cam_fixed_threshold"] == 0.35  # the cam baseline's own bg_threshold
     artifacts = {a.path for a in MlflowClient(default_tracking_uri(finished)).list_artifacts(run.info.run_id, "gallery")}
     assert any(p.endswith("_cam.png") for p in artifacts) and any(p.endswith("_pred.png") for p in artifacts)
     table = pd.read_csv(finished / "report" / "synthetic" / "leaderboard.csv")

@@ -373,3 +373,7 @@ class ADCAM(Method):
                 probs += resize_to(logits, (H, W)).softmax(1)
                 views += 1
         return (probs / views).clamp_min(1e-8).log()
+
+    def cam_threshold(self) -> float | None:
+        """The pseudo-mask background plane."""
+        return self.config.bg_threshold

@@ -360,3 +360,7 @@ class AFA(Method):
     def macs_inputs(self) -> dict[str, tuple[Any, ...]]:
         size = self.dataset.input_size
         return {"afa": (torch.zeros(1, 3, size, size),)}
+
+    def cam_threshold(self) -> float | None:
+        """beta_h: a pixel is foreground in AFA's label iff a present CAM exceeds it."""
+        return self.config.bg_high

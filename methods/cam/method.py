@@ -166,3 +166,7 @@ class CamBaseline(Method):
                 out = resize_to(self.precision.forward(self.segmenter, view), size).softmax(1)
                 probs = probs + (out.flip(-1) if flipped else out)
         return torch.log(probs / (2 * len(self.config.test_scales)) + 1e-8)
+
+    def cam_threshold(self) -> float | None:
+        """The pseudo-mask background threshold."""
+        return self.config.bg_threshold

@@ -362,6 +362,11 @@ class WeakTr(Method):
         weight = self.config.two_block_weight if self.config.two_block else 0.0
         return code_crf_inputs(probs, 1.0 + weight)
 
+    def cam_threshold(self) -> float | None:
+        """The pseudo-label background threshold (VOC 0.43, COCO 0.42)."""
+        return self.config.bg_threshold
+
+
 
 def code_crf_inputs(probs: np.ndarray, total: float) -> tuple[np.ndarray, np.ndarray]:
     """WeakTr's "+CRF" input (authors' code): the un-normalised prediction ``0.8 p1 + p2``
