@@ -194,8 +194,8 @@ def code_version() -> dict[str, str]:
 
 
 def current_code_tree() -> str:
-    """The ``wsss.code_tree`` of the code running now (see :func:`code_version`)."""
-    return _code_provenance()[1]
+    """The ``wsss.code_tree`` of the code running now, as :func:`code_version` tags runs."""
+    return code_version()[CODE_TREE_TAG]
 
 
 def _code_provenance() -> tuple[str, str]:

@@ -67,6 +67,7 @@ def _assert_rerun_equals_reference(results: Path, reference) -> None:
     assert _params_and_quality(results) == reference
 
 
+@pytest.mark.slow
 def test_killed_between_finished_tag_and_run_status(tmp_path, reference):
     """Item 1. Before: the rerun skipped the run whose tag said finished (status RUNNING) and
     created a second live run. After: that run is not finished by the one rule, so it is reused."""
@@ -78,6 +79,7 @@ def test_killed_between_finished_tag_and_run_status(tmp_path, reference):
     assert len(live_runs_by_trial(results)) == 2
 
 
+@pytest.mark.slow
 def test_killed_after_run_creation_before_params(tmp_path, reference):
     """Item 2. Before: the reused run never got its params (the finished trial had none).
     After: reuse logs the missing params (and the spec.json artifact)."""
@@ -184,6 +186,7 @@ SLURM_WAIT_DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_slurm_wait_tracking_server_outlives_a_killed_driver(tmp_path):
     """Item 4. Before: with --wait the server was attached to the driver and died with it
     (the running jobs then failed after MLflow's retries). After: it is detached, recorded in
@@ -216,6 +219,7 @@ def _mount_tmpfs(path: Path) -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs and remount it read-only")
 def test_results_dir_turns_read_only_mid_sweep(tmp_path, reference):
     """Item 5. Before: the driver died with a raw OSError traceback writing trial 1's

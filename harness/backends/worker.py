@@ -120,7 +120,9 @@ def trial_lock(root: Path, wait: bool = True) -> Iterator[bool]:
     kernel when the holder dies). Yields False without waiting when ``wait`` is False and
     another process holds it."""
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # never inherited by exec'd children
+    # Read-only: flock needs no write access, and an open-for-write file would stop an admin's
+    # read-only remount of a full results disk. O_CLOEXEC: never inherited by exec'd children.
+    fd = os.open(root / LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     _HELD_LOCKS.add(fd)
     try:
         try:
