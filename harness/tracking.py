@@ -126,8 +126,12 @@ def store_lock(uri: str) -> Iterator[None]:
     if db is None:
         yield
         return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(db.parent / f".{db.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(db.parent / f".{db.name}.lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:  # a read-only directory: no process can create or migrate a store there either
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

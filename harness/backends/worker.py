@@ -10,7 +10,8 @@ directory that let anyone tell a live trial from a dead one without asking the s
 ``outcome.json``    how the last attempt ended (state, metrics, error, MLflow run id, timing)
 ``attempts.jsonl``  one line per attempt (a Ray retry, a SLURM requeue)
 ``.lock``           an exclusive lock held while the trial runs, so two workers (a requeued
-                    job and a stale one, two drivers) never run one trial at once
+                    job and a stale one, two drivers) never run one trial at once; forked
+                    children (CRF pool, data loaders) never keep it (closed at fork)
 """
 
 from __future__ import annotations
