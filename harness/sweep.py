@@ -128,11 +128,11 @@ class TrialOutcome:
 DISK_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO}
 
 
-def disk_error(exc: BaseException) -> str:
+def disk_error(exc: BaseException, path: Path | None = None) -> str:
     """A one-line description when ``exc`` is a refused write (read-only, full, no
-    permission), else ""."""
+    permission), else "". ``path`` names the file meant (not the temp file of an atomic write)."""
     if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
-        return f"cannot write {exc.filename or 'the results directory'} ({exc.strerror})"
+        return f"cannot write {path or exc.filename or 'the results directory'} ({exc.strerror})"
     return ""
 
 

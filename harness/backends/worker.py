@@ -274,7 +274,7 @@ def _run_locked(task: dict[str, Any], spec, results: Path, root: Path, info: dic
         try:
             write_json(root / OUTCOME, outcome)
         except OSError as exc:  # bookkeeping only: MLflow has the trial's end; the driver reports it
-            outcome["disk_error"] = outcome.get("disk_error") or disk_error(exc) or f"{type(exc).__name__}: {exc}"
+            outcome["disk_error"] = outcome.get("disk_error") or disk_error(exc, root / OUTCOME) or f"{type(exc).__name__}: {exc}"
         beat.close(outcome["state"])
     return outcome
 
