@@ -136,3 +136,31 @@ def test_trial_finished_with_older_code_reruns(tmp_path, capsys, monkeypatch):
     assert new == quality(old.data.metrics)  # same code content here, so the same numbers
     assert "finished with older code" in " ".join(capsys.readouterr().out.split())
     assert _run(results) == 0 and len(trial_runs(results)) == 2  # now finished for this tree: skipped
+
+
+# -- item 1, stores left by the old rule -----------------------------------------------------------
+
+def test_leftover_run_of_a_finished_trial_is_superseded(tmp_path):
+    """A store written before the one rule may hold, beside a trial's finished run, the run a
+    kill left with a finished tag but RUNNING status (the report listed it as unfinished). The
+    next sweep marks it superseded: one live run per trial. Nothing is trained here."""
+    from backend_helpers import TINY
+    from harness.backends import BackendOptions, run_sweep
+    from harness.config import load_suite, parse_overrides
+    from harness.sweep import plan_trials
+
+    (spec,) = plan_trials(load_suite("synthetic"), ["cam"], [0], parse_overrides(TINY), None, tmp_path / "cache")
+    uri = default_tracking_uri(tmp_path)
+    tracker = Tracker(uri, "synthetic")
+    leftover = tracker.open_trial_run(spec, None, "cpu")
+    tracker.client.set_tag(leftover, "wsss.status", "finished")  # killed before set_terminated
+    tracker.client.set_tag(leftover, "wsss.superseded", "true")  # hidden while the second run is made, as the old code did
+    finished = tracker.open_trial_run(spec, None, "cpu")
+    tracker.client.set_tag(finished, "wsss.status", "finished")
+    tracker.client.set_terminated(finished, "FINISHED")
+    tracker.client.set_tag(leftover, "wsss.superseded", "false")
+    result = run_sweep([spec], tmp_path, uri, BackendOptions())
+    assert [o.state for o in result.outcomes] == ["skipped"]
+    runs = {r.info.run_id: r for r in trial_runs(tmp_path)}
+    assert runs[leftover].data.tags["wsss.superseded"] == "true"
+    assert runs[finished].data.tags.get("wsss.superseded") != "true"

@@ -194,22 +194,35 @@ class SweepResult:
 
 def _finished_in_mlflow(tracker, specs) -> dict[str, list[str]]:
     """Trial id -> the code trees of its finished runs (:func:`harness.tracking.run_is_finished`):
-    one paged query for the experiment's finished runs rather than one query per trial."""
-    from harness.tracking import CODE_TREE_TAG, STATUS_TAG, TRIAL_TAG, run_is_finished
+    one paged query for the experiment's finished runs rather than one query per trial.
+
+    A trial with a finished run may also have a live run whose tag says finished but whose
+    status does not (a driver killed in that window, before this rule, re-ran the trial in a
+    second run): such a leftover is marked superseded here, so the trial has one live run."""
+    from harness.tracking import CODE_TREE_TAG, STATUS_TAG, SUPERSEDED_TAG, TRIAL_TAG, run_is_finished
 
     ids = {s.trial_id for s in specs}
     out: dict[str, list[str]] = {}
+    stale: dict[str, list[str]] = {}
     token = None
     while True:
         page = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{STATUS_TAG}` = 'finished'",
                                           max_results=5000, page_token=token)
         for run in page:
             tags = run.data.tags
-            if tags.get(TRIAL_TAG) in ids and run_is_finished(run):
+            if tags.get(TRIAL_TAG) not in ids or tags.get(SUPERSEDED_TAG) == "true":
+                continue
+            if run_is_finished(run):
                 out.setdefault(tags[TRIAL_TAG], []).append(tags.get(CODE_TREE_TAG, ""))
+            else:
+                stale.setdefault(tags[TRIAL_TAG], []).append(run.info.run_id)
         token = page.token
         if not token:
             break
+    for trial_id, run_ids in stale.items():
+        if trial_id in out:  # the trial lock rules out a worker in that window while another run is finished
+            for run_id in run_ids:
+                tracker.client.set_tag(run_id, SUPERSEDED_TAG, "true")
     return out
 
 
