@@ -219,13 +219,30 @@ def _mount_tmpfs(path: Path) -> bool:
     return done.returncode == 0
 
 
+def _fill(folder: Path) -> None:
+    """Fill the file system of ``folder`` to the last byte."""
+    chunk = b"\0" * (1 << 20)
+    with open(folder / "filler", "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(chunk)
+        except OSError:
+            pass
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs and remount it read-only")
-def test_results_dir_turns_read_only_mid_sweep(tmp_path, reference):
+@pytest.mark.parametrize("fault", ["read-only", "full"])
+def test_results_dir_turns_read_only_or_full_mid_sweep(tmp_path, reference, fault):
     """Item 5. Before: the driver died with a raw OSError traceback writing trial 1's
     outcome.json, trial 2 was never attempted and the sweep run stayed RUNNING. After: trial 1
     stays finished in MLflow, trial 2 is attempted and recorded failed, one paragraph says what
-    failed, exit 1, sweep run FAILED; once writable, a rerun equals the uninterrupted sweep."""
+    failed, exit 1, sweep run FAILED; once writable again, a rerun equals the uninterrupted sweep."""
     results = tmp_path / "mnt"
     if not _mount_tmpfs(results):
         pytest.skip("cannot mount a tmpfs here")
@@ -234,12 +251,16 @@ def test_results_dir_turns_read_only_mid_sweep(tmp_path, reference):
     uri = default_tracking_uri(store)
     try:
         proc = _run_until(results, "worker.outcome", tmp_path / "hold", uri=uri)
-        subprocess.run(["mount", "-o", "remount,ro", str(results)], check=True)
+        if fault == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(results)], check=True)
+        else:
+            _fill(results)
         (tmp_path / "hold" / "worker.outcome.release").write_text("go")
         out, _ = proc.communicate(timeout=300)
         flat = " ".join(out.split())
         assert proc.returncode == 1, out[-3000:]
-        assert "Traceback" not in out and "refused writes" in flat and "Read-only file system" in flat
+        assert "Traceback" not in out and "refused writes" in flat
+        assert ("Read-only file system" if fault == "read-only" else "No space left on device") in flat
         runs = live_runs_by_trial(results, uri)
         states = sorted(r.data.tags["wsss.status"] for group in runs.values() for r in group)
         assert states == ["failed", "finished"]
@@ -247,7 +268,10 @@ def test_results_dir_turns_read_only_mid_sweep(tmp_path, reference):
         exp = client.get_experiment_by_name("wsss-bench/synthetic")
         (sweep,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("wsss.kind") == "sweep"]
         assert sweep.info.status == "FAILED"
-        subprocess.run(["mount", "-o", "remount,rw", str(results)], check=True)
+        if fault == "read-only":
+            subprocess.run(["mount", "-o", "remount,rw", str(results)], check=True)
+        else:
+            (results / "filler").unlink()
         assert run_cli(results, *SEEDS, "--tracking-uri", uri) == 0
         assert_one_finished_run_per_trial(results, 2, uri)
         assert _params_and_quality(results, uri) == reference
