@@ -143,6 +143,55 @@ def test_crf_pool_dies_with_its_parent_and_never_holds_the_trial_lock(tmp_path):
         kill_group(proc)  # the workers are in its process group: nothing is left behind
 
 
+CRF_PLUGIN = str(Path(__file__).resolve().with_name("plugin_crf_slow.py"))
+
+
+@pytest.mark.slow
+def test_driver_killed_in_the_crf_pool_then_rerun_equals_reference(tmp_path, monkeypatch):
+    """Item 3, end to end. Before: after kill -9 of the driver inside the dense-CRF evaluation
+    its pool workers kept running and kept the trial lock: `status` said running for ever and
+    the rerun skipped the trial ("already running") with exit 0. After: the workers die with
+    the driver, the trial is not running, the rerun finishes it equal to an uninterrupted run."""
+    from backend_helpers import PLUGIN, trial_id_of
+
+    monkeypatch.setenv("WSSS_PLUGINS", os.pathsep.join([PLUGIN, CRF_PLUGIN]))
+    monkeypatch.delenv("WSSS_TEST_CRF_ITERATIONS", raising=False)
+    args = ["--methods", "cam_crf", "--seeds", "0", "--cpus-per-trial", "1"]
+    reference = tmp_path / "reference"
+    assert main_run(reference, args) == 0
+    expected = _params_and_quality(reference)
+
+    results = tmp_path / "r"
+    env = cli_env(WSSS_PLUGINS=os.pathsep.join([PLUGIN, CRF_PLUGIN]), WSSS_TEST_CRF_ITERATIONS="100000", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(cli_argv(results, *args), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        def in_crf_pool():
+            beat = results / "trials"
+            stages = [json.loads(p.read_text()).get("stage") for p in beat.glob("*/heartbeat.json")] if beat.exists() else []
+            return stages == ["segment"] and len(_children(proc.pid)) >= 2 and _children(proc.pid)
+
+        children = wait_for(in_crf_pool, 240, "the driver to enter the CRF pool", proc=proc)
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        wait_for(lambda: not any(pid_alive(c) for c in children), 10, "the CRF workers to die with the driver")
+        trial = trial_id_of(results, "cam_crf", 0)
+        assert not lock_held(results / "trials" / trial)
+    finally:
+        kill_group(proc)
+    assert main_run(results, args) == 0
+    assert_one_finished_run_per_trial(results, 1)
+    assert _params_and_quality(results) == expected
+
+
+def main_run(results: Path, args: list[str]) -> int:
+    from backend_helpers import TINY
+    from harness.cli import main
+
+    return main(["run", "--dataset", "synthetic", "--results", str(results), *args, *TINY])
+
+
 def test_a_trial_left_unfinished_is_not_exit_0(tmp_path, capsys):
     """Item 3 (exit code). Before: a trial skipped as "already running" (its lock held by a
     live process) ended the sweep with exit 0. After: exit 1, naming it."""
