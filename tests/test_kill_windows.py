@@ -50,7 +50,11 @@ def _run_until(results: Path, point: str, hold: Path, *args: str, uri: str | Non
     env = cli_env(WSSS_TEST_HOLD=point, WSSS_TEST_HOLD_DIR=str(hold), PYTHONPATH=str(REPO))
     argv = cli_argv(results, *SEEDS, *args, *(["--tracking-uri", uri] if uri else []))
     proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    wait_for(lambda: (hold / f"{point}.reached").exists(), 180, f"the driver to reach {point}", proc=proc)
+    try:
+        wait_for(lambda: (hold / f"{point}.reached").exists(), 180, f"the driver to reach {point}", proc=proc)
+    except BaseException:
+        kill_group(proc)
+        raise
     return proc
 
 
@@ -298,6 +302,7 @@ def test_results_dir_turns_read_only_or_full_mid_sweep(tmp_path, reference, faul
     store = tmp_path / "store"
     store.mkdir()
     uri = default_tracking_uri(store)
+    proc = None
     try:
         proc = _run_until(results, "worker.outcome", tmp_path / "hold", uri=uri)
         if fault == "read-only":
@@ -325,4 +330,6 @@ def test_results_dir_turns_read_only_or_full_mid_sweep(tmp_path, reference, faul
         assert_one_finished_run_per_trial(results, 2, uri)
         assert _params_and_quality(results, uri) == reference
     finally:
+        if proc is not None and proc.poll() is None:
+            kill_group(proc)  # a failed assertion must not leave the held driver behind
         subprocess.run(["umount", "-l", str(results)], capture_output=True)
