@@ -49,6 +49,7 @@ def _open_store(uri: str, barrier, queue) -> None:
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
+@pytest.mark.slow
 def test_concurrent_drivers_create_one_store(tmp_path):
     """Before: drivers started at once on a new results directory raced through MLflow's
     schema migrations (tracebacks, sometimes a half-migrated store). After: creation is
