@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     _common(run)
     run.add_argument("--force", action="store_true", help="re-run finished trials (old runs are kept, marked superseded)")
+    run.add_argument("--reuse-older-code", action="store_true",
+                     help="count trials finished with older code (another wsss.code_tree) as finished instead of re-running them")
     run.add_argument("--dry-run", action="store_true", help="print the trial matrix with each trial's state; run nothing")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="hyper-parameter overrides: key=, method.key=, dataset.key=, eval.key=")
     _backend_options(run)
@@ -198,7 +200,7 @@ def cmd_run(args) -> int:
     tracker = Tracker(uri, suite.name)
 
     if args.dry_run:
-        states = dry_run_states(specs, results, tracker)
+        states = dry_run_states(specs, results, tracker, args.reuse_older_code)
         table = Table(title=f"Trials of suite {suite.name} ({len(specs)})")
         for column in ("trial", "method", "dataset", "seed", "state", "weights"):
             table.add_column(column)
@@ -225,7 +227,7 @@ def cmd_run(args) -> int:
         try:
             swept = run_sweep(specs, results, uri, options, args.device, args.force, parent, factory,
                               on_outcome=lambda outcome: (progress.advance(sweep_task), progress.console.print(_outcome_line(outcome), soft_wrap=True)),
-                              log=lambda text: progress.console.print(escape(text), soft_wrap=True))
+                              log=lambda text: progress.console.print(escape(text), soft_wrap=True), reuse_older_code=args.reuse_older_code)
         except BaseException as exc:  # the trials record their own state; the parent must not stay RUNNING
             tracker.close_sweep(parent, None, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
@@ -250,9 +252,14 @@ def cmd_run(args) -> int:
             _print_summary(outcomes)
         return 1 if any(o.state == "failed" for o in outcomes) else 0
     _print_summary(outcomes)
+    if swept.disk_errors:
+        console.print(f"[red]{escape(swept.disk_paragraph(results))}", soft_wrap=True)
+        return 1
     board = write_report(uri, results / "report" / suite.name, [suite.name], suite_references([suite]))
     _print_leaderboard(board, results / "report" / suite.name)
-    return 1 if any(o.state == "failed" for o in outcomes) else 0
+    if swept.unfinished:
+        console.print(f"[red]{len(swept.unfinished)} trial(s) are not finished: {escape(', '.join(s.label for s in swept.unfinished))}.", soft_wrap=True)
+    return 1 if swept.failed or swept.unfinished else 0
 
 
 def _print_summary(outcomes) -> None:

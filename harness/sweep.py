@@ -4,6 +4,7 @@ trials: skip finished ones, resume partial ones, record failures and keep going.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import traceback
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from harness.config import EvalConfig, Overrides, Suite, TrialSpec, build_method
 from harness.datasets import create_dataset, dataset_options
 from harness.errors import ConfigError, WsssError, suggest, unknown
 from harness.runner import ProgressFn, TrialRunner
-from harness.tracking import Tracker
+from harness.tracking import Tracker, current_code_tree, same_code
 from harness.trial import STAGES, TrialDir
 from harness.weights import check_sweep_weights
 from methods import load_all
@@ -139,14 +140,30 @@ class TrialOutcome:
     error: str = ""
     run_id: str | None = None
     resumed_from: str | None = None
+    disk_error: str = ""  # what could not be written to the results directory, if anything
 
 
-def trial_state(spec: TrialSpec, results_dir: Path, tracker: Tracker) -> str:
-    """finished / partial (next stage) / failed / new, from the trial dir and MLflow."""
+# errno values that mean "the results directory cannot take this write", not a bug
+DISK_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def disk_error(exc: BaseException, path: Path | None = None) -> str:
+    """A one-line description when ``exc`` is a refused write (read-only, full, no
+    permission), else "". ``path`` names the file meant (not the temp file of an atomic write)."""
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return f"cannot write {path or exc.filename or 'the results directory'} ({exc.strerror})"
+    return ""
+
+
+def trial_state(spec: TrialSpec, results_dir: Path, tracker: Tracker, reuse_older_code: bool = False) -> str:
+    """finished / finished with older code / partial (next stage) / failed / new, from the
+    trial dir and MLflow."""
     root = results_dir / "trials" / spec.trial_id
     tdir_done = (root / "state.json").exists() and TrialDir(results_dir, spec).is_complete()
     if tdir_done and tracker.finished_run(spec.trial_id):
-        return "finished"
+        if reuse_older_code or tracker.finished_run(spec.trial_id, current_code_tree()):
+            return "finished"
+        return "finished with older code (re-runs; --reuse-older-code keeps it)"
     status = tracker.trial_status(spec.trial_id)
     if (root / "state.json").exists():
         nxt = TrialDir(results_dir, spec).next_stage()
@@ -190,9 +207,12 @@ def execute_trial(
         raise
     except Exception as exc:  # the sweep goes on; the error is recorded, never lost
         message = str(exc) if isinstance(exc, WsssError) else f"{type(exc).__name__}: {exc}"
-        error_path = tdir.write_error(traceback.format_exc())
+        try:
+            error_path = tdir.write_error(traceback.format_exc())
+        except OSError:  # a read-only / full results directory: MLflow still gets the message
+            error_path = None
         tracker.fail_trial(run_id, error_path, message)
-        return TrialOutcome(spec, "failed", error=message, run_id=run_id)
+        return TrialOutcome(spec, "failed", error=message, run_id=run_id, disk_error=disk_error(exc))
     if not tdir.is_complete():  # stop_after: a clean, resumable stop
         tracker.client.set_tag(run_id, "wsss.status", "partial")
         tracker.client.set_terminated(run_id, status="KILLED")
@@ -222,4 +242,4 @@ def run_local(
     return outcomes
 
 
-__all__ = ["plan_trials", "execute_trial", "run_local", "trial_state", "sweep_key", "TrialOutcome", "STAGES"]
+__all__ = ["plan_trials", "execute_trial", "run_local", "trial_state", "sweep_key", "TrialOutcome", "STAGES", "disk_error", "same_code"]

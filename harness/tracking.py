@@ -31,19 +31,30 @@ Tags: ``wsss.trial_id``, ``wsss.method``, ``wsss.dataset``, ``wsss.suite``, ``ws
 ``wsss.torch``, ``wsss.timm``, ``wsss.hardware``, ``wsss.stage_status`` (e.g. train_seg=fused).
 ``wsss.lib.<library>`` (result-deciding library versions) and ``wsss.env`` (their hash): see
 harness/environment.py.
-Params: the resolved trial config flattened (``method.*``, ``dataset.*``, ``eval.*``, ``seed``).
+Params: the resolved trial config flattened (``method.*``, ``dataset.*``, ``eval.*``, ``seed``);
+a value over MLflow's 6000-character limit is cut and ends in :data:`CUT_MARK`, and the full
+resolved config is the run's ``spec.json`` artifact (logged when the run is created).
+
+One rule decides "finished" everywhere (:func:`run_is_finished`): the ``wsss.status`` tag
+*and* the MLflow run status both say finished. They are two writes, so a kill between them
+leaves a run that is not finished by this rule, and the next run of the trial reuses it.
+A finished run counts for the current code only when its ``wsss.code_tree`` is the code tree
+running now (:func:`same_code`); otherwise it is "finished with older code".
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import platform
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from harness.config import TrialSpec
 from harness.environment import environment_tags
@@ -52,6 +63,85 @@ from harness.errors import TrackingError
 EXPERIMENT_PREFIX = "wsss-bench/"
 STATUS_TAG = "wsss.status"
 TRIAL_TAG = "wsss.trial_id"
+CODE_TREE_TAG = "wsss.code_tree"
+SUPERSEDED_TAG = "wsss.superseded"
+PARAM_LIMIT = 6000  # MLflow's longest param value (characters)
+CUT_MARK = "...[cut at 6000 characters; the full value is in the run's spec.json artifact]"
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def run_is_finished(run: Any) -> bool:
+    """The one rule for a finished trial run: live (not superseded), ``wsss.status`` tag
+    finished and MLflow status FINISHED. Anything else is unfinished and gets reused."""
+    tags = run.data.tags
+    return tags.get(STATUS_TAG) == "finished" and run.info.status == "FINISHED" and tags.get(SUPERSEDED_TAG) != "true"
+
+
+def same_code(run_tree: str | None, current: str) -> bool:
+    """Whether a run's ``wsss.code_tree`` is the code running now. An unknown tree on either
+    side (no git checkout, a run from before the tag existed) cannot be told apart: same."""
+    unknown = (None, "", "unknown")
+    return run_tree in unknown or current in unknown or run_tree == current
+
+
+def hold_point(name: str) -> None:
+    """Test hook for kill windows: when ``WSSS_TEST_HOLD`` names this point, create
+    ``$WSSS_TEST_HOLD_DIR/<name>.reached`` and block until ``<name>.release`` appears (the
+    test kills the process meanwhile, or releases it). Once per process; a no-op otherwise."""
+    if os.environ.get("WSSS_TEST_HOLD") != name or name in _HELD:
+        return
+    _HELD.add(name)
+    folder = Path(os.environ.get("WSSS_TEST_HOLD_DIR", "."))
+    (folder / f"{name}.reached").write_text(str(os.getpid()))
+    while not (folder / f"{name}.release").exists():
+        time.sleep(0.05)
+
+
+_HELD: set[str] = set()
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_store_file(uri: str) -> None:
+    """A file at an SQLite URI that is not an SQLite database (corrupt, overwritten) is one
+    clear TrackingError naming it, not an SQLAlchemy traceback. An empty file is a new store."""
+    db = sqlite_path(uri)
+    if db is None or not db.is_file():
+        return
+    try:
+        with open(db, "rb") as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise TrackingError(f"MLflow store {db} cannot be read ({exc.strerror}).") from None
+    if head and head != SQLITE_MAGIC:
+        raise TrackingError(f"MLflow store {db} is not an SQLite database (it does not start with the SQLite header; it may be "
+                            "corrupt or overwritten by another file). Nothing was run. Move it away (keep it: it may be "
+                            "recoverable, e.g. from a backup) to start a new store in its place, or pass --results / "
+                            "--tracking-uri of a healthy store.")
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise creating / migrating an SQLite store across processes: two drivers started at
+    once on a new results directory would otherwise both run MLflow's schema migrations.
+    An flock on ``.<db name>.lock`` next to the database; other URIs need none."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(db.parent / f".{db.name}.lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:  # a read-only directory: no process can create or migrate a store there either
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def default_tracking_uri(results_dir: Path) -> str:
@@ -70,6 +160,7 @@ def check_tracking_uri(uri: str) -> None:
                 raise TrackingError(f"Tracking URI {uri}: cannot create directory {parent} ({exc.strerror}).") from None
         if db.exists() and not _writable(db) or not _writable(parent):
             raise TrackingError(f"Tracking URI {uri}: {db if db.exists() else parent} is not writable. Choose another --tracking-uri or results directory.")
+        check_store_file(uri)
     elif uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
@@ -85,8 +176,6 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def _writable(path: Path) -> bool:
-    import os
-
     return os.access(path, os.W_OK)
 
 
@@ -103,12 +192,24 @@ def code_version() -> dict[str, str]:
     """Provenance tags: ``wsss.git_commit`` (HEAD, ``-dirty`` with local changes) and
     ``wsss.code_tree``, a hash of the git trees of :data:`RESULT_CODE` (``-dirty`` when those
     have uncommitted changes): the version the leaderboard groups runs by."""
-    import hashlib
-
     import timm
     import torch
 
     from harness import __version__
+
+    commit, tree = _code_provenance()
+    return {"wsss.code_version": __version__, "wsss.git_commit": commit, CODE_TREE_TAG: tree,
+            "wsss.torch": torch.__version__, "wsss.timm": timm.__version__}
+
+
+def current_code_tree() -> str:
+    """The ``wsss.code_tree`` of the code running now, as :func:`code_version` tags runs."""
+    return code_version()[CODE_TREE_TAG]
+
+
+def _code_provenance() -> tuple[str, str]:
+    """(git commit, code tree) of this checkout; "unknown" outside git."""
+    import hashlib
 
     commit, tree = "unknown", "unknown"
     try:
@@ -124,8 +225,7 @@ def code_version() -> dict[str, str]:
                     tree += "-dirty"
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"wsss.code_version": __version__, "wsss.git_commit": commit, "wsss.code_tree": tree,
-            "wsss.torch": torch.__version__, "wsss.timm": timm.__version__}
+    return commit, tree
 
 
 def hardware(device: str) -> str:
@@ -155,13 +255,16 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
         self.experiment_name = EXPERIMENT_PREFIX + suite
         try:
-            experiment = self.client.get_experiment_by_name(self.experiment_name)
-            self.experiment_id = experiment.experiment_id if experiment else self._create_experiment()
+            with store_lock(uri):  # the first query creates / migrates the schema: one process at a time
+                self.client = MlflowClient(tracking_uri=uri)
+                experiment = self.client.get_experiment_by_name(self.experiment_name)
+                self.experiment_id = experiment.experiment_id if experiment else self._create_experiment()
         except TrackingError:
             raise
+        except OSError as exc:
+            raise TrackingError(f"Tracking store {uri} cannot be used: {exc.strerror or exc} ({exc.filename or uri}).") from None
         except Exception as exc:  # MLflow raises many types for a bad store
             raise TrackingError(f"Tracking store {uri} cannot be used: {exc}") from None
 
@@ -182,11 +285,13 @@ class Tracker:
     # -- queries ---------------------------------------------------------------------------
     def live_runs(self, trial_id: str) -> list[Any]:
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=100)
-        return [r for r in runs if r.data.tags.get("wsss.superseded") != "true"]
+        return [r for r in runs if r.data.tags.get(SUPERSEDED_TAG) != "true"]
 
-    def finished_run(self, trial_id: str) -> str | None:
+    def finished_run(self, trial_id: str, code_tree: str | None = None) -> str | None:
+        """The trial's finished run (:func:`run_is_finished`); with ``code_tree``, only one
+        that code tree produced (:func:`same_code`)."""
         for run in self.live_runs(trial_id):
-            if run.data.tags.get(STATUS_TAG) == "finished" and run.info.status == "FINISHED":
+            if run_is_finished(run) and (code_tree is None or same_code(run.data.tags.get(CODE_TREE_TAG), code_tree)):
                 return run.info.run_id
         return None
 
@@ -231,12 +336,26 @@ class Tracker:
             print(f"warning: could not set sweep run {run_id} to {status} in {self.uri}: {exc}")
 
     def open_trial_run(self, spec: TrialSpec, parent_run_id: str | None, device: str) -> str:
-        """Reuse the trial's unfinished run if there is one (no duplicates), else create it."""
-        for run in self.live_runs(spec.trial_id):
-            if run.data.tags.get(STATUS_TAG) != "finished":
-                self.client.set_tag(run.info.run_id, STATUS_TAG, "running")
-                self.client.update_run(run.info.run_id, status="RUNNING")
-                return run.info.run_id
+        """Reuse the trial's unfinished run if there is one (no duplicates), else create it.
+
+        Unfinished means anything :func:`run_is_finished` rejects, a run killed between its
+        finished tag and its FINISHED status included. Reuse completes what an interrupted
+        creation left out: the params not yet logged and the ``spec.json`` artifact. Further
+        unfinished live runs of the trial (left by older versions) are marked superseded, so
+        the trial has one live run."""
+        unfinished = [r for r in self.live_runs(spec.trial_id) if not run_is_finished(r)]
+        if unfinished:
+            unfinished.sort(key=lambda r: r.info.start_time or 0)
+            run, extra = unfinished[-1], unfinished[:-1]
+            for other in extra:
+                self.client.set_tag(other.info.run_id, SUPERSEDED_TAG, "true")
+            run_id = run.info.run_id
+            self.client.set_tag(run_id, STATUS_TAG, "running")
+            self.client.update_run(run_id, status="RUNNING")
+            params = trial_params(spec)
+            self.log_params(run_id, {k: v for k, v in params.items() if k not in run.data.params})
+            self._log_spec(run_id, spec)
+            return run_id
         tags = {
             TRIAL_TAG: spec.trial_id,
             "wsss.method": spec.method,
@@ -252,18 +371,24 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=f"{spec.method}-{spec.dataset}-s{spec.seed}-{spec.trial_id[:6]}", tags=tags)
         run_id = run.info.run_id
-        params = {"suite": spec.suite, "seed": str(spec.seed), "dataset": spec.dataset, "data_root": str(spec.data_root)}
-        params.update(flatten("method", spec.method_config))
-        params.update(flatten("dataset", spec.dataset_options))
-        params.update(flatten("splits", spec.splits))
-        params.update(flatten("eval", spec.eval))
-        self.log_params(run_id, params)
+        hold_point("trial.created")  # tests: a kill between creation and params
+        self.log_params(run_id, trial_params(spec))
+        self._log_spec(run_id, spec)
         return run_id
+
+    def _log_spec(self, run_id: str, spec: TrialSpec) -> None:
+        """The full resolved config (the trial's identity, never cut) as ``spec.json``: the
+        same bytes as the trial directory's spec.json, which finish_trial logs over it."""
+        text = json.dumps(spec.to_dict(), indent=2, sort_keys=True, default=str)
+        try:
+            self.client.log_text(run_id, text, "spec.json")
+        except Exception as exc:  # noqa: BLE001 - an artifact store that refuses (full disk): the reuse logs it again
+            print(f"warning: could not log spec.json to run {run_id}: {exc}")
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+        items = [Param(k, param_value(v)) for k, v in sorted(params.items())]
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start : start + 100])
 
@@ -293,15 +418,37 @@ class Tracker:
         if gallery.is_dir() and any(gallery.iterdir()):
             self.client.log_artifacts(run_id, str(gallery), artifact_path="gallery")
         self.client.set_tag(run_id, STATUS_TAG, "finished")
+        hold_point("trial.finished_tag")  # tests: a kill between the tag and the run status
         self.client.set_terminated(run_id, status="FINISHED")
 
-    def fail_trial(self, run_id: str, error_path: Path, message: str) -> None:
+    def fail_trial(self, run_id: str, error_path: Path | None, message: str) -> None:
+        """Mark the run failed with ``message``; ``error_path`` (the traceback file) is logged
+        when there is one (None when the results directory could not be written)."""
         self.client.set_tag(run_id, "wsss.error", message[:5000])
-        self.client.log_artifact(run_id, str(error_path))
+        if error_path is not None:
+            self.client.log_artifact(run_id, str(error_path))
         self.client.set_tag(run_id, STATUS_TAG, "failed")
         self.client.set_terminated(run_id, status="FAILED")
 
     def supersede(self, trial_id: str) -> None:
         """``--force``: keep the old runs (nothing recorded is lost) but hide them from reports."""
         for run in self.live_runs(trial_id):
-            self.client.set_tag(run.info.run_id, "wsss.superseded", "true")
+            self.client.set_tag(run.info.run_id, SUPERSEDED_TAG, "true")
+
+
+def trial_params(spec: TrialSpec) -> dict[str, str]:
+    """The params of a trial's run: the resolved config, flattened."""
+    params = {"suite": spec.suite, "seed": str(spec.seed), "dataset": spec.dataset, "data_root": str(spec.data_root)}
+    params.update(flatten("method", spec.method_config))
+    params.update(flatten("dataset", spec.dataset_options))
+    params.update(flatten("splits", spec.splits))
+    params.update(flatten("eval", spec.eval))
+    return params
+
+
+def param_value(value: str) -> str:
+    """``value`` as MLflow stores it: at most :data:`PARAM_LIMIT` characters; a longer value
+    is cut so that it ends in :data:`CUT_MARK` (never silently)."""
+    if len(value) <= PARAM_LIMIT:
+        return value
+    return value[: PARAM_LIMIT - len(CUT_MARK)] + CUT_MARK

@@ -69,6 +69,10 @@ def test_sweep_on_slurm_equals_local(slurm_cluster, tmp_path_factory, capsys):  
     jobs = {json.loads(p.read_text())["job_id"] for p in (results / "trials").glob("*/submission.json")}
     assert len(jobs) == 2 and len({j.split("_")[0] for j in jobs}) == 1  # one job array, two trials per job
     assert {slurm_cluster.sacct_state(j) for j in jobs} == {"COMPLETED"}
+    from harness.mlflow_server import recorded_server
+
+    # with --wait the server is detached (it would outlive a killed driver) and stopped once no job is left
+    assert recorded_server(results) is None
     from harness.cli import main
 
     capsys.readouterr()

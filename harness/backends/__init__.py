@@ -6,11 +6,20 @@ depend on the backend.
 
 :func:`run_sweep` is what ``wsss-bench run`` calls. Before anything runs it
 
-* skips trials MLflow already holds as finished (``--force`` supersedes them instead),
+* skips trials MLflow already holds as finished by the code running now; a trial finished
+  with older code (another ``wsss.code_tree``) is re-run, its old run kept but marked
+  superseded, unless ``--reuse-older-code``; ``--force`` supersedes every finished trial,
 * never resubmits a trial whose job is still queued or running (SLURM) or whose worker is
   alive on this machine,
 * creates the experiment in this process and, when several processes will write at once,
-  starts one MLflow tracking server on 127.0.0.1 that every worker logs through.
+  starts one MLflow tracking server on 127.0.0.1 that every worker logs through. On SLURM
+  the server is detached (it outlives the driver, ``--wait`` or not: jobs keep running when
+  the driver is killed) and stopped once nothing is queued.
+
+A sweep that leaves a trial unfinished (interrupted, or held by a live worker elsewhere) is
+not a success: :attr:`SweepResult.unfinished` lists them and ``wsss-bench run`` exits 1.
+Writes the results directory refuses (read-only, full) are recorded where they can be (MLflow)
+and listed in :attr:`SweepResult.disk_errors`; the remaining trials are still attempted.
 """
 
 from __future__ import annotations
@@ -149,30 +158,71 @@ class SweepResult:
     already_queued: list[tuple[Any, str]] = field(default_factory=list)  # (spec, where) left alone
     server: Any = None  # a detached tracking server left running for queued jobs
     worker_uri: str | None = None
+    waits: bool = True  # False for SLURM without --wait: queued trials are expected to stay unfinished
 
     @property
     def failed(self) -> bool:
         return any(o.state == "failed" for o in self.outcomes)
 
+    @property
+    def unfinished(self) -> list[Any]:
+        """Specs this command was meant to finish but did not: interrupted trials, and trials
+        held by a live worker (not SLURM jobs this command does not wait for)."""
+        out = [o.spec for o in self.outcomes if o.state not in ("finished", "skipped", "failed")]
+        if self.waits:
+            out += [spec for spec, _ in self.already_queued]
+        return out
 
-def _finished_in_mlflow(tracker, specs) -> set[str]:
-    """Trial ids with a finished, live run: one paged query for the experiment's finished
-    runs rather than one query per trial."""
-    from harness.tracking import STATUS_TAG, TRIAL_TAG
+    @property
+    def disk_errors(self) -> list[tuple[Any, str]]:
+        """(spec, what could not be written) for every trial the results directory refused."""
+        return [(o.spec, o.disk_error) for o in self.outcomes if getattr(o, "disk_error", "")]
+
+    def disk_paragraph(self, results_dir: Path) -> str:
+        """One paragraph on refused writes: what failed, what is recorded, what to do."""
+        if not self.disk_errors:
+            return ""
+        first = self.disk_errors[0][1]
+        recorded = [o.spec.label for o in self.outcomes if o.state in ("finished", "skipped")]
+        return (f"The results directory {results_dir} refused writes during this sweep ({first}; {len(self.disk_errors)} "
+                f"trial(s) affected: {', '.join(s.label for s, _ in self.disk_errors)}). "
+                + (f"Recorded in MLflow as finished: {', '.join(recorded)}. " if recorded else "")
+                + "Trials that could not be written are recorded as failed where the tracking store allowed it, and the "
+                "report was not written. Restore write access or free space, then run the same command again: finished "
+                "trials are kept and the others resume.")
+
+
+def _finished_in_mlflow(tracker, specs) -> dict[str, list[str]]:
+    """Trial id -> the code trees of its finished runs (:func:`harness.tracking.run_is_finished`):
+    one paged query for the experiment's finished runs rather than one query per trial.
+
+    A trial with a finished run may also have a live run whose tag says finished but whose
+    status does not (a driver killed in that window, before this rule, re-ran the trial in a
+    second run): such a leftover is marked superseded here, so the trial has one live run."""
+    from harness.tracking import CODE_TREE_TAG, STATUS_TAG, SUPERSEDED_TAG, TRIAL_TAG, run_is_finished
 
     ids = {s.trial_id for s in specs}
-    out: set[str] = set()
+    out: dict[str, list[str]] = {}
+    stale: dict[str, list[str]] = {}
     token = None
     while True:
         page = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{STATUS_TAG}` = 'finished'",
                                           max_results=5000, page_token=token)
         for run in page:
             tags = run.data.tags
-            if tags.get(TRIAL_TAG) in ids and run.info.status == "FINISHED" and tags.get("wsss.superseded") != "true":
-                out.add(tags[TRIAL_TAG])
+            if tags.get(TRIAL_TAG) not in ids or tags.get(SUPERSEDED_TAG) == "true":
+                continue
+            if run_is_finished(run):
+                out.setdefault(tags[TRIAL_TAG], []).append(tags.get(CODE_TREE_TAG, ""))
+            else:
+                stale.setdefault(tags[TRIAL_TAG], []).append(run.info.run_id)
         token = page.token
         if not token:
             break
+    for trial_id, run_ids in stale.items():
+        if trial_id in out:  # the trial lock rules out a worker in that window while another run is finished
+            for run_id in run_ids:
+                tracker.client.set_tag(run_id, SUPERSEDED_TAG, "true")
     return out
 
 
@@ -181,8 +231,10 @@ def record_system_failure(spec, results_dir: Path, tracker, message: str, parent
     artifact, status failed) on its one MLflow run (the unfinished run is reused)."""
     from harness.trial import TrialDir
 
-    tdir = TrialDir(results_dir, spec)
-    path = tdir.write_error(message + "\n")
+    try:
+        path = TrialDir(results_dir, spec).write_error(message + "\n")
+    except OSError:  # a read-only / full results directory: MLflow still gets the message
+        path = None
     try:
         run_id = tracker.open_trial_run(spec, parent_run_id, device)
         tracker.fail_trial(run_id, path, message)
@@ -205,7 +257,7 @@ def read_submission(results_dir: Path, trial_id: str) -> dict[str, Any]:
     return read_json(trial_root(results_dir, trial_id) / SUBMISSION) or {}
 
 
-def dry_run_states(specs, results_dir: Path, tracker) -> dict[str, str]:
+def dry_run_states(specs, results_dir: Path, tracker, reuse_older_code: bool = False) -> dict[str, str]:
     """trial_id -> state for ``--dry-run``: the trial dir + MLflow, and the scheduler for
     trials that were submitted to one."""
     from harness.backends.status import collect
@@ -215,7 +267,7 @@ def dry_run_states(specs, results_dir: Path, tracker) -> dict[str, str]:
     out = {}
     for spec in specs:
         status = statuses.get(spec.trial_id)
-        base = trial_state(spec, results_dir, tracker)
+        base = trial_state(spec, results_dir, tracker, reuse_older_code)
         if status is not None and status.queued:
             out[spec.trial_id] = f"{status.state} [{status.backend} job {status.job_id}]" if status.job_id else status.state
         else:
@@ -258,7 +310,8 @@ class _Progress:
 
 
 def run_sweep(specs, results_dir: Path, tracking_uri: str, options: BackendOptions, device: str = "cpu", force: bool = False,
-              parent_run_id: str | None = None, progress_factory=None, on_outcome=None, log: Callable[[str], None] = print) -> SweepResult:
+              parent_run_id: str | None = None, progress_factory=None, on_outcome=None, log: Callable[[str], None] = print,
+              reuse_older_code: bool = False) -> SweepResult:
     """Run (or submit) every trial of a sweep on the chosen backend; see the module doc."""
     from harness.backends import worker as W
     from harness.backends.status import collect, write_submission
@@ -268,7 +321,7 @@ def run_sweep(specs, results_dir: Path, tracking_uri: str, options: BackendOptio
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     results_dir = Path(results_dir).resolve()
-    result = SweepResult()
+    result = SweepResult(waits=not (options.backend == "slurm" and not options.wait))
     by_id = {s.trial_id: s for s in specs}
     outcomes: dict[str, Any] = {}
 
@@ -298,18 +351,30 @@ def run_sweep(specs, results_dir: Path, tracking_uri: str, options: BackendOptio
 
     # 2. finished trials are skipped (or, with --force, superseded and cleared here, once)
     tracker = Tracker(tracking_uri, specs[0].suite) if specs else None
+    def supersede(spec) -> None:
+        tracker.supersede(spec.trial_id)
+        TrialDir(results_dir, spec).clear()
+        for name in (W.OUTCOME, W.HEARTBEAT, W.SUBMISSION):
+            (W.trial_root(results_dir, spec.trial_id) / name).unlink(missing_ok=True)
+
     if force:
         for spec in todo:
-            tracker.supersede(spec.trial_id)
-            TrialDir(results_dir, spec).clear()
-            for name in (W.OUTCOME, W.HEARTBEAT, W.SUBMISSION):
-                (W.trial_root(results_dir, spec.trial_id) / name).unlink(missing_ok=True)
+            supersede(spec)
     else:
-        finished = _finished_in_mlflow(tracker, todo) if todo else set()
+        from harness.tracking import current_code_tree, same_code
+
+        finished = _finished_in_mlflow(tracker, todo) if todo else {}
+        current = current_code_tree() if finished else ""
+        older = {s.trial_id for s in todo if s.trial_id in finished and not reuse_older_code
+                 and not any(same_code(tree, current) for tree in finished[s.trial_id])}
         for spec in todo:
-            if spec.trial_id in finished:
+            if spec.trial_id in finished and spec.trial_id not in older:
                 emit(TrialOutcome(spec, "skipped", run_id=None))
-        todo = [s for s in todo if s.trial_id not in finished]
+            elif spec.trial_id in older:  # as --force, for this trial only: the old run stays, marked superseded
+                log(f"{spec.label} ({spec.trial_id}) finished with older code (code tree {', '.join(sorted(set(finished[spec.trial_id])))}; "
+                    f"now {current}): re-running it; its old run is kept, marked superseded (--reuse-older-code keeps it instead)")
+                supersede(spec)
+        todo = [s for s in todo if s.trial_id not in finished or s.trial_id in older]
 
     if todo or attach:
         options.preflight(device)
@@ -320,7 +385,8 @@ def run_sweep(specs, results_dir: Path, tracking_uri: str, options: BackendOptio
         if (todo or attach) and options.parallel_writers and not tracking_uri.startswith(("http://", "https://")):
             from harness.mlflow_server import ensure_server
 
-            detach = options.backend == "slurm" and not options.wait
+            # SLURM jobs outlive the driver (kill -9 included), with --wait too: so does their server
+            detach = options.backend == "slurm"
             server, started_server = ensure_server(results_dir, tracking_uri, detach=detach)
             worker_uri = server.uri
             log(f"MLflow tracking server {server.uri} ({'reused' if not started_server else 'started'}; store {tracking_uri})")

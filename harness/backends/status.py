@@ -96,9 +96,11 @@ def mlflow_states(tracking_uri: str, suites: Iterable[str] | None = None) -> dic
     """trial_id -> (wsss.status tag, error) of its live (not superseded) run; a finished run wins."""
     from mlflow.tracking import MlflowClient
 
-    from harness.tracking import EXPERIMENT_PREFIX, STATUS_TAG, TRIAL_TAG
+    from harness.tracking import EXPERIMENT_PREFIX, STATUS_TAG, TRIAL_TAG, run_is_finished, store_lock
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    with store_lock(tracking_uri):  # never query a store another process is creating
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)
     wanted = {EXPERIMENT_PREFIX + s for s in suites} if suites else None
     experiments = [e for e in client.search_experiments(max_results=1000) if e.name.startswith(EXPERIMENT_PREFIX) and (wanted is None or e.name in wanted)]
     out: dict[str, tuple[str, str]] = {}
@@ -113,7 +115,7 @@ def mlflow_states(tracking_uri: str, suites: Iterable[str] | None = None) -> dic
             if not trial or tags.get("wsss.superseded") == "true":
                 continue
             status = tags.get(STATUS_TAG, "?")
-            if status == "finished" and run.info.status != "FINISHED":
+            if status == "finished" and not run_is_finished(run):  # the one rule: tag and run status together
                 status = "running"
             if out.get(trial, ("",))[0] != "finished":
                 out[trial] = (status, tags.get("wsss.error", ""))
@@ -151,6 +153,9 @@ def collect(results_dir: Path, tracking_uri: str | None, trial_ids: Iterable[str
                 if s.backend == "slurm" and s.job_id:
                     s.scheduler = states.get(s.job_id)
     if tracking_uri:
+        from harness.tracking import check_store_file
+
+        check_store_file(tracking_uri)  # a corrupt store is one clear error, not "finished (not yet in MLflow)"
         try:
             runs = mlflow_states(tracking_uri, suites)
         except Exception as exc:  # noqa: BLE001 - status must still show what it knows

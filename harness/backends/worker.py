@@ -10,7 +10,8 @@ directory that let anyone tell a live trial from a dead one without asking the s
 ``outcome.json``    how the last attempt ended (state, metrics, error, MLflow run id, timing)
 ``attempts.jsonl``  one line per attempt (a Ray retry, a SLURM requeue)
 ``.lock``           an exclusive lock held while the trial runs, so two workers (a requeued
-                    job and a stale one, two drivers) never run one trial at once
+                    job and a stale one, two drivers) never run one trial at once; forked
+                    children (CRF pool, data loaders) never keep it (closed at fork)
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from harness.tracking import hold_point
 
 HEARTBEAT = "heartbeat.json"
 OUTCOME = "outcome.json"
@@ -94,13 +97,34 @@ def load_plugins(plugins: list[str] | tuple[str, ...]) -> None:
 
 # -- the trial lock ---------------------------------------------------------------------------
 
+# Lock fds held by this process. A forked child (the dense-CRF pool, DataLoader workers)
+# shares the open file description, and with it the flock: a child that outlived a killed
+# driver would keep the trial "running" for ever. Every fork closes them in the child.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 @contextmanager
 def trial_lock(root: Path, wait: bool = True) -> Iterator[bool]:
     """Hold the trial's exclusive lock (flock; on NFS Linux maps it to a POSIX lock; released by the
     kernel when the holder dies). Yields False without waiting when ``wait`` is False and
     another process holds it."""
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    # Read-only: flock needs no write access, and an open-for-write file would stop an admin's
+    # read-only remount of a full results disk. O_CLOEXEC: never inherited by exec'd children.
+    fd = os.open(root / LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    _HELD_LOCKS.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -114,6 +138,7 @@ def trial_lock(root: Path, wait: bool = True) -> Iterator[bool]:
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield True
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # releases the lock
 
 
@@ -194,13 +219,26 @@ def run_trial(task: dict[str, Any], job_id: str | None = None, progress=None) ->
 
 def _run(task: dict[str, Any], job_id: str | None, progress, t0: float) -> dict[str, Any]:
     from harness.config import TrialSpec
-    from harness.sweep import execute_trial
 
     spec = TrialSpec.from_dict(task["spec"])
     results = Path(task["results_dir"])
     root = trial_root(results, spec.trial_id)
     info = {"trial_id": spec.trial_id, "host": socket.gethostname(), "pid": os.getpid(), "backend": task.get("backend"),
             "job_id": job_id, "device": task["device"], "submitted_at": task.get("submitted_at"), "worker_started": t0}
+    try:
+        return _run_locked(task, spec, results, root, info, job_id, progress, t0)
+    except OSError as exc:  # the lock or attempt file cannot be written (read-only / full results dir)
+        from harness.sweep import disk_error
+
+        problem = disk_error(exc) or f"{type(exc).__name__}: {exc}"
+        return {"trial_id": spec.trial_id, "state": "failed", "metrics": {}, "run_id": None, "resumed_from": None,
+                "error": f"results directory: {problem}", "disk_error": problem, "system_failure": True}
+
+
+def _run_locked(task: dict[str, Any], spec, results: Path, root: Path, info: dict[str, Any], job_id: str | None, progress,
+                t0: float) -> dict[str, Any]:
+    from harness.sweep import disk_error, execute_trial
+
     with trial_lock(root):
         attempts = _append_attempt(root, info)
         beat = Heartbeat(root, dict(info, attempt=attempts))
@@ -214,7 +252,7 @@ def _run(task: dict[str, Any], job_id: str | None, progress, t0: float) -> dict[
         try:
             result = execute_trial(spec, results, task["tracking_uri"], task["device"], False, task.get("parent_run_id"), report)
             outcome = {"state": result.state, "metrics": result.metrics, "error": result.error, "run_id": result.run_id,
-                       "resumed_from": result.resumed_from}
+                       "resumed_from": result.resumed_from, "disk_error": result.disk_error}
         except Exception as exc:  # raised outside the runner (tracking store, trial dir): still recorded
             message = f"{type(exc).__name__}: {exc}"
             try:
@@ -223,7 +261,8 @@ def _run(task: dict[str, Any], job_id: str | None, progress, t0: float) -> dict[
                 atomic_write_text(root / "error.txt", traceback.format_exc())
             except OSError:
                 pass
-            outcome = {"state": "failed", "metrics": {}, "error": message, "run_id": None, "resumed_from": None}
+            outcome = {"state": "failed", "metrics": {}, "error": message, "run_id": None, "resumed_from": None,
+                       "disk_error": disk_error(exc)}
         except BaseException as exc:  # Ctrl-C, a SLURM requeue (SystemExit), a kill: resumable
             beat.close("requeued" if isinstance(exc, SystemExit) else "interrupted")
             raise
@@ -231,7 +270,11 @@ def _run(task: dict[str, Any], job_id: str | None, progress, t0: float) -> dict[
                   "last_stage_at": beat.info["last_stage_at"], "done_at": time.time()}
         outcome.update(trial_id=spec.trial_id, host=info["host"], pid=info["pid"], job_id=job_id, backend=task.get("backend"),
                        attempt=attempts, timing=timing)
-        write_json(root / OUTCOME, outcome)
+        hold_point("worker.outcome")  # tests: the results directory turns read-only here
+        try:
+            write_json(root / OUTCOME, outcome)
+        except OSError as exc:  # bookkeeping only: MLflow has the trial's end; the driver reports it
+            outcome["disk_error"] = outcome.get("disk_error") or disk_error(exc, root / OUTCOME) or f"{type(exc).__name__}: {exc}"
         beat.close(outcome["state"])
     return outcome
 
@@ -248,7 +291,7 @@ def outcome_from_dict(spec, data: dict[str, Any]):
     from harness.sweep import TrialOutcome
 
     return TrialOutcome(spec, data.get("state", "failed"), dict(data.get("metrics") or {}), data.get("error") or "",
-                        data.get("run_id"), data.get("resumed_from"))
+                        data.get("run_id"), data.get("resumed_from"), data.get("disk_error") or "")
 
 
 def failed_outcome(spec, message: str):

@@ -6,7 +6,10 @@ hard labels with a confidence ``gt_prob`` (WeakTr's pseudo-label refinement).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
 
@@ -68,13 +71,32 @@ def _crf_job(args: tuple[np.ndarray, np.ndarray, CRFParams]) -> np.ndarray:
     return dense_crf(*args)
 
 
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal the kernel sends when the parent dies
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: a worker is SIGKILLed when the process that forked it dies (a
+    ``kill -9`` of the trial's process must not leave orphans computing for nobody). Linux
+    only (prctl); if the parent died before this ran, exit at once."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def dense_crf_many(
     images: Sequence[np.ndarray], probs: Sequence[np.ndarray], params: CRFParams, workers: int | None = None
 ) -> list[np.ndarray]:
-    """``dense_crf`` over many images, in parallel processes (the C++ inference holds the GIL)."""
+    """``dense_crf`` over many images, in parallel processes (the C++ inference holds the GIL).
+
+    The workers are forked (cheap: no re-import) and die with this process
+    (:func:`_die_with_parent`); whoever holds locks must not let forked children keep them
+    (the harness closes its trial-lock fds in every forked child)."""
     jobs = [(img, p, params) for img, p in zip(images, probs, strict=True)]
     workers = min(len(jobs), workers or os.cpu_count() or 1)
     if workers <= 1:
         return [_crf_job(job) for job in jobs]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         return list(pool.map(_crf_job, jobs))
