@@ -68,6 +68,9 @@ def test_every_metric_lands_in_mlflow_and_report(finished):
     # the whole range swept: 0.00 .. cam_threshold_stop (0.60, or wider when the best was at its end)
     assert [p.step for p in curve] == list(range(0, round(run.data.metrics["cam_threshold_stop"] * 100) + 1))
     assert run.data.metrics["cam_fixed_threshold"] == 0.35  # the cam baseline's own bg_threshold
+    # per-step losses arrive through the background buffer: one point per epoch (epochs=1), at step 0
+    losses = MlflowClient(default_tracking_uri(finished)).get_metric_history(run.info.run_id, "cls_loss")
+    assert [p.step for p in losses] == [0] and losses[0].value > 0
     artifacts = {a.path for a in MlflowClient(default_tracking_uri(finished)).list_artifacts(run.info.run_id, "gallery")}
     assert any(p.endswith("_cam.png") for p in artifacts) and any(p.endswith("_pred.png") for p in artifacts)
     table = pd.read_csv(finished / "report" / "synthetic" / "leaderboard.csv")
