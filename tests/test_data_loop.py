@@ -140,3 +140,23 @@ def test_a_loop_killed_mid_stage_resumes_bit_identically(tmp_path, stop_at):
     for key in reference:
         assert torch.equal(reference[key], resumed[key]), key
     assert not (tmp_path / "run" / "tiny.pt").exists()  # removed once the loop completed
+
+
+def test_timm_cam_augment_posterizes_zero_bits_to_black_instead_of_crashing():
+    # inc1 posterize keeps 4 - int(level / 10 * 4) bits: level 10 (magnitude 9 + 0.5 * N(0, 1)
+    # clipped at 10) keeps 0 bits; 255 & ~(2^8 - 1) = 0, so every pixel becomes 0 (black).
+    from PIL import Image
+
+    from methods.weaktr.augment import TimmCamAugment, _rand_augment_ops, posterize_any_bits
+
+    augment = TimmCamAugment(32)
+    ops = [op for op in _rand_augment_ops(augment._tf) if op.name.startswith("Posterize")]
+    assert ops and all(op.aug_fn is posterize_any_bits for op in ops)
+    img = Image.new("RGB", (4, 4), (255, 128, 7))
+    assert np.asarray(posterize_any_bits(img, 0)).max() == 0
+    assert np.asarray(posterize_any_bits(img, 1))[0, 0].tolist() == [128, 128, 0]  # keep the top bit
+    assert posterize_any_bits(img, 8) is img
+    # many draws of the whole recipe: none raises
+    image = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
+    for seed in range(300):
+        augment(image, None, torch.Generator().manual_seed(seed))

@@ -97,6 +97,28 @@ class SegAugment:
         return out, out_mask, valid
 
 
+def posterize_any_bits(img, bits_to_keep: int, **_):
+    """PIL posterize keeping ``bits_to_keep`` most significant bits, 0 included (all black).
+
+    ``rand-m9-mstd0.5-inc1`` draws magnitude 10 in about 2 % of posterize ops, which keeps 0
+    bits. The Pillow of the authors' environment posterized that to black; Pillow >= 11
+    raises ValueError instead (a crash a few hundred images into a WeakTr CAM epoch). This
+    restores the old result for the transform of this module only (timm is not patched)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _rand_augment_ops(transform) -> list:
+    """The ``AugmentOp`` objects of the RandAugment step(s) inside a timm transform."""
+    steps = getattr(transform, "transforms", [transform])
+    return [op for step in steps for op in getattr(step, "ops", [])]
+
+
 @dataclass
 class TimmCamAugment:
     """The CAM stage's DeiT recipe (METHODS.md): timm RandomResizedCrop + flip + RandAugment
@@ -118,6 +140,9 @@ class TimmCamAugment:
             self.crop, is_training=True, auto_augment=self.auto_augment, interpolation="bicubic",
             re_prob=self.re_prob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         )
+        for op in _rand_augment_ops(self._tf):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize_any_bits
 
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor | None, gen: torch.Generator
@@ -130,7 +155,7 @@ class TimmCamAugment:
         try:
             random.seed(seed)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding (slow per sample)
                 out = self._tf(pil)
         finally:
             random.setstate(state)
