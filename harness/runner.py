@@ -310,6 +310,9 @@ class TrialRunner:
 
     def _stage_pseudo_masks(self):
         split = self.split("train")
+        from harness.refine import pseudo_mask_refiner  # eval.refine: IRN replaces method.pseudo_masks
+
+        refiner = pseudo_mask_refiner(self, split)
         C = self.dataset.info.num_classes
         # A pseudo mask's 255 ("unsure") pixels count as background: dropping them would
         # inflate mask mIoU; their share is reported separately as mask_ignored_pct.
@@ -328,7 +331,7 @@ class TrialRunner:
                     cams = torch.stack(stored).to(self.device)
                 else:
                     cams = self.method.cams(images, labels)
-                masks = self.method.pseudo_masks(images, cams, labels).cpu()
+                masks = (refiner or self.method).pseudo_masks(images, cams, labels).cpu()
             self._check_masks(masks, images)
             for sample, mask in zip(batch, masks):
                 arr = mask.numpy().astype(np.uint8)
@@ -351,6 +354,7 @@ class TrialRunner:
                 "mask_miou_present": scores.miou("present") * 100,
             }
             metrics.update(self._per_class("mask", scores.per_class_iou))
+        metrics.update(refiner.metrics if refiner is not None else {})
         return "done", metrics, {}
 
     def _check_masks(self, masks: torch.Tensor, images: torch.Tensor) -> None:

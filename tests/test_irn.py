@@ -106,3 +106,92 @@ def test_irnet_shapes():
     # stride-4 grid: ceil(66 / 4) = 17, 64 / 4 = 16
     assert boundary.shape == (2, 1, 17, 16) and disp.shape == (2, 2, 17, 16)
     assert 0 <= boundary.min() and boundary.max() <= 1
+
+
+# -- eval.refine = irn end to end (tiny synthetic, CAM baseline) ---------------------------------
+TINY = ["dataset.num_train=12", "dataset.num_val=6", "dataset.image_size=64", "epochs=1", "seg_epochs=1", "crop=64",
+        "seg_crop=64", "batch_size=6", "seg_batch_size=6", "eval.gallery_size=0", "eval.crf=false",
+        "eval.refine=irn", "eval.irn=crop=64,batch_size=6,epochs=2,steps=16"]
+IRN_STEPS = 4  # 12 images / batch 6 = 2 steps per epoch, 2 epochs
+
+
+def _irn_spec(cache):
+    from harness.config import load_suite, parse_overrides
+    from harness.sweep import plan_trials
+
+    return plan_trials(load_suite("synthetic"), ["cam"], [0], parse_overrides(TINY), None, cache)[0]
+
+
+def _run(spec, results, progress=None):
+    from harness.sweep import execute_trial
+    from harness.tracking import default_tracking_uri
+
+    return execute_trial(spec, results, default_tracking_uri(results), progress=progress, stop_after="pseudo_masks")
+
+
+def _pseudo_masks(results, spec):
+    from harness.visualize import load_label_png
+
+    files = sorted((results / "trials" / spec.trial_id / "pseudo").glob("*.png"))
+    return {f.name: load_label_png(f) for f in files}
+
+
+def test_refine_irn_gives_valid_masks_and_resumes_after_training(tmp_path):
+    spec = _irn_spec(tmp_path / "cache")
+    results = tmp_path / "run"
+
+    def kill_in_mask_loop(stage, done, total):
+        if stage == "pseudo_masks" and total == 12 and done:  # IRN trained; writing the masks
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(spec, results, kill_in_mask_loop)
+    trial = results / "trials" / spec.trial_id
+    assert (trial / "checkpoints" / "irn.pt").exists()
+    seen = []
+    _run(spec, results, lambda stage, done, total: seen.append((stage, done, total)))
+    assert not [s for s in seen if s[0] == "pseudo_masks" and s[2] == IRN_STEPS and s[1]]  # IRN not retrained
+    masks = _pseudo_masks(results, spec)
+    assert len(masks) == 12
+    values = set().union(*(set(m.flatten().tolist()) for m in masks.values()))
+    assert values <= set(range(6))  # {0..C}, C = 5 synthetic classes; the walk leaves no 255
+    import json
+
+    metrics = json.loads((trial / "state.json").read_text())["stages"]["pseudo_masks"]["metrics"]
+    assert metrics["time_irn_s"] > 0 and metrics["params_irn"] > 0 and "mask_miou" in metrics
+
+
+@pytest.mark.slow
+def test_refine_irn_killed_inside_training_resumes_bit_identical(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSSS_CHECKPOINT_STEPS", "1")
+    spec = _irn_spec(tmp_path / "cache")
+    _run(spec, tmp_path / "ref")
+    reference = _pseudo_masks(tmp_path / "ref", spec)
+
+    def kill_at_irn_step_3(stage, done, total):
+        if stage == "pseudo_masks" and total == IRN_STEPS and done == 3:  # steps 1-2 checkpointed
+            raise KeyboardInterrupt
+
+    results = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _run(spec, results, kill_at_irn_step_3)
+    assert (results / "trials" / spec.trial_id / "work" / "irn" / "irn.pt").exists()
+    steps = []
+    _run(spec, results, lambda stage, done, total: steps.append(done) if stage == "pseudo_masks" and total == IRN_STEPS else None)
+    assert [d for d in steps if d] == [3, 4]
+    resumed = _pseudo_masks(results, spec)
+    assert resumed.keys() == reference.keys()
+    assert all((resumed[k] == reference[k]).all() for k in reference)
+
+
+def test_refine_settings_are_checked():
+    from harness.errors import ConfigError
+    from harness.refine import check_refine, irn_config
+
+    assert irn_config({"irn": "epochs=5, crop=128"}).crop == 128
+    with pytest.raises(ConfigError, match="refine"):
+        check_refine({"refine": "irm"})
+    with pytest.raises(ConfigError, match="unknown key `epoch`"):
+        check_refine({"refine": "irn", "irn": {"epoch": 3}})
+    with pytest.raises(ConfigError, match="arch"):
+        check_refine({"refine": "irn", "irn": "arch=resnet51"})
