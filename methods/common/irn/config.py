@@ -17,7 +17,7 @@ class IRNConfig:
 
     arch: str = "tiny"  # "resnet50" in the paper (ImageNet-pretrained)
     pretrained: str | None = None  # local ImageNet ResNet-50 checkpoint; None = random init
-    freeze_backbone: bool = False  # the authors keep the pretrained backbone fixed (README)
+    freeze_backbone: bool = False  # our understanding: the authors keep a pretrained backbone fixed (README)
     crop: int = 96  # paper: 512
     scale_min: float = 0.7  # random rescale of the image; IRN: long side 320-640 (~0.64-1.28 on VOC)
     scale_max: float = 1.3
