@@ -22,6 +22,8 @@ the authors' released configuration; we did not find it in the paper text (READM
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +37,7 @@ BG_THRESHOLD = 0.25  # authors' released default for the background score (not f
 def transition_matrix(boundary: torch.Tensor, radius: float = WALK_RADIUS, beta: float = BETA) -> torch.Tensor:
     """``T = S^{-1} A^beta`` for one boundary map ``boundary`` (h, w) in [0, 1].
 
-    Returns a sparse COO (N, N) float tensor, ``N = h * w`` in row-major order; every row sums
+    Returns a sparse CSR (N, N) float tensor, ``N = h * w`` in row-major order; every row sums
     to 1, except a row whose affinities all underflow to 0 (``B = 1`` around the pixel), which
     stays 0 (the pixel loses its score instead of producing NaN)."""
     h, w = boundary.shape
@@ -54,13 +56,16 @@ def transition_matrix(boundary: torch.Tensor, radius: float = WALK_RADIUS, beta:
     values = torch.cat(vals).clamp(min=1e-12).pow(beta)
     rows_t, cols_t = torch.cat(rows), torch.cat(cols)
     sums = torch.zeros(h * w, dtype=values.dtype, device=values.device).index_add_(0, rows_t, values)
-    return torch.sparse_coo_tensor(torch.stack([rows_t, cols_t]), values / sums.clamp(min=1e-30)[rows_t], (h * w, h * w), check_invariants=False).coalesce()
+    coo = torch.sparse_coo_tensor(torch.stack([rows_t, cols_t]), values / sums.clamp(min=1e-30)[rows_t], (h * w, h * w), check_invariants=False)
+    with warnings.catch_warnings():  # CSR is "beta" in torch; its mat-vec is ~30x faster than COO's
+        warnings.simplefilter("ignore", UserWarning)
+        return coo.coalesce().to_sparse_csr()
 
 
 def propagate(transition: torch.Tensor, scores: torch.Tensor, steps: int = STEPS) -> torch.Tensor:
     """``T^steps . scores`` for ``scores`` (N, K) (one column per class)."""
     for _ in range(steps):
-        scores = torch.sparse.mm(transition, scores)
+        scores = transition @ scores
     return scores
 
 

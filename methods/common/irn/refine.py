@@ -27,7 +27,7 @@ def irn_masks(model: IRNet, images: torch.Tensor, cams: torch.Tensor, labels: to
     H, W = images.shape[-2:]
     out = []
     for b in range(images.shape[0]):
-        classes = torch.flatnonzero(labels[b] > 0)
+        classes = torch.nonzero(labels[b] > 0).flatten()
         seeds = F.interpolate(cams[b : b + 1, classes], size=boundary.shape[-2:], mode="bilinear", align_corners=False)[0]
         walked = random_walk(boundary[b, 0], seeds, config.walk_radius, config.beta, config.steps)
         out.append(walk_to_mask(walked, classes, (H, W), config.sem_bg_threshold))
