@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +51,8 @@ def refine_name(eval_settings: dict[str, Any]) -> str:
 
 def irn_config(eval_settings: dict[str, Any]) -> IRNConfig:
     """``eval.irn`` (a dict, or ``"key=value,key=value"``) as an :class:`IRNConfig` (ConfigError
-    for an unknown key, a bad value, an unknown arch or thresholds out of order)."""
+    for an unknown key, a bad value, an unknown arch, a missing ``pretrained`` file or
+    thresholds out of order)."""
     value = eval_settings.get("irn") or {}
     if isinstance(value, str):
         items = [part.strip() for part in value.split(",") if part.strip()]
@@ -63,6 +65,8 @@ def irn_config(eval_settings: dict[str, Any]) -> IRNConfig:
     config = build_method_config(IRNConfig, {k.strip(): v for k, v in value.items()}, "eval.irn")
     if config.arch not in ARCHS:
         raise ConfigError(f"eval.irn: unknown arch {config.arch!r}.{suggest(config.arch, ARCHS)} Valid: {', '.join(ARCHS)}.")
+    if config.pretrained and not Path(config.pretrained).expanduser().is_file():
+        raise ConfigError(f"eval.irn: pretrained checkpoint {config.pretrained!r} does not exist; pass the path of a local ImageNet ResNet-50 state dict (torchvision or timm key names).")
     if not 0 <= config.bg_threshold <= config.fg_threshold <= 1:
         raise ConfigError(f"eval.irn: need 0 <= bg_threshold <= fg_threshold <= 1; got {config.bg_threshold} and {config.fg_threshold}.")
     return config

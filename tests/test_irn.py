@@ -195,3 +195,5 @@ def test_refine_settings_are_checked():
         check_refine({"refine": "irn", "irn": {"epoch": 3}})
     with pytest.raises(ConfigError, match="arch"):
         check_refine({"refine": "irn", "irn": "arch=resnet51"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_refine({"refine": "irn", "irn": {"pretrained": "/nonexistent/r50.pth"}})

@@ -17,6 +17,8 @@ at its last mid-stage checkpoint with bit-identical results on CPU.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from methods.base import StageContext, SampleSource
@@ -34,7 +36,7 @@ def build_model(config: IRNConfig, seed: int) -> IRNet:
     """The network of ``config``, initialised from ``seed`` (the global RNG is left as it was)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return IRNet(config.arch, config.pretrained, config.edge_dim, config.disp_dim, config.freeze_backbone)
+        return IRNet(config.arch, str(Path(config.pretrained).expanduser()) if config.pretrained else None, config.edge_dim, config.disp_dim, config.freeze_backbone)
 
 
 def irn_loss(model: IRNet, images: torch.Tensor, labels: torch.Tensor, offsets: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
