@@ -111,7 +111,7 @@ def test_irnet_shapes():
 # -- eval.refine = irn end to end (tiny synthetic, CAM baseline) ---------------------------------
 TINY = ["dataset.num_train=12", "dataset.num_val=6", "dataset.image_size=64", "epochs=1", "seg_epochs=1", "crop=64",
         "seg_crop=64", "batch_size=6", "seg_batch_size=6", "eval.gallery_size=0", "eval.crf=false",
-        "eval.refine=irn", "eval.irn=crop=64,batch_size=6,epochs=2,steps=16"]
+        "eval.refine=irn", "eval.irn=crop=64,batch_size=6,epochs=2,steps=16,edge_dim=8,disp_dim=8"]
 IRN_STEPS = 4  # 12 images / batch 6 = 2 steps per epoch, 2 epochs
 
 
@@ -123,10 +123,10 @@ def _irn_spec(cache):
 
 
 def _run(spec, results, progress=None):
-    from harness.sweep import execute_trial
-    from harness.tracking import default_tracking_uri
+    """The trial's stages up to pseudo_masks, without MLflow (the runner alone: faster)."""
+    from harness.runner import TrialRunner
 
-    return execute_trial(spec, results, default_tracking_uri(results), progress=progress, stop_after="pseudo_masks")
+    return TrialRunner(spec, results, progress=progress, stop_after="pseudo_masks").run()
 
 
 def _pseudo_masks(results, spec):
