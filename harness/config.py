@@ -45,6 +45,10 @@ class EvalConfig:
     # Train the harness's shared segmentation recipe (harness/common_seg.py) on the pseudo
     # masks instead of the method's own segmenter: true, or a table of its fields.
     common_segmentation: bool | dict = False
+    # Pseudo-mask refinement for every method (harness/refine.py): "none" (the method's own
+    # pseudo_masks) or "irn" (IRN trained on the method's CAMs); `irn` holds IRN's settings.
+    refine: str = "none"
+    irn: dict | str = field(default_factory=dict)
 
 
 def check_eval_config(config: EvalConfig, where: str) -> EvalConfig:

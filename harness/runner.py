@@ -373,6 +373,9 @@ class TrialRunner:
 
     def _stage_pseudo_masks(self):
         split = self.split("train")
+        from harness.refine import pseudo_mask_refiner  # eval.refine: IRN replaces method.pseudo_masks
+
+        refiner = pseudo_mask_refiner(self, split)
         C = self.dataset.info.num_classes
         scored_ids = self._mask_eval_ids(split)
         # mask_miou: a pseudo mask's 255 ("unsure") pixels count as background (dropping them
@@ -393,7 +396,10 @@ class TrialRunner:
                     cams = torch.stack(stored).to(self.device)
                 else:
                     cams = self.method.cams(images, labels, **_ids(self.method, batch))
-                masks = self.method.pseudo_masks(images, cams, labels, **_ids(self.method, batch)).cpu()
+                if refiner is not None:
+                    masks = refiner.pseudo_masks(images, cams, labels).cpu()
+                else:
+                    masks = self.method.pseudo_masks(images, cams, labels, **_ids(self.method, batch)).cpu()
             self._check_masks(masks, images)
             for sample, mask in zip(batch, masks):
                 arr = mask.numpy().astype(np.uint8)
@@ -424,6 +430,7 @@ class TrialRunner:
             metrics["mask_miou_ignore255_gt"] = ignore255.miou("gt") * 100
             metrics["mask_miou_ignore255_present"] = ignore255.miou("present") * 100
         metrics.update(self._per_class("mask", scores.per_class_iou))
+        metrics.update(refiner.metrics if refiner is not None else {})
         return "done", metrics, {}
 
     def _check_masks(self, masks: torch.Tensor, images: torch.Tensor) -> None:

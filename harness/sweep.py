@@ -48,6 +48,9 @@ def plan_trials(
     dataset = create_dataset(suite.dataset, Path(root) if root else None, cache_dir, dict(options))  # fail fast on bad data
     eval_values = {**dataclasses.asdict(_eval_config(suite, overrides))}
     common_seg_config(eval_values)  # a typo in the shared segmentation recipe fails here
+    from harness.refine import check_refine
+
+    check_refine(eval_values)  # ... and one in eval.refine / eval.irn
     configs = {name: _method_config(name, registry[name], suite, overrides) for name in methods}
     configs = {name: _check_inputs(name, registry[name], config, dataset, suite, eval_values) for name, config in configs.items()}
     _check_shared_overrides(overrides, registry, methods)

@@ -37,9 +37,22 @@ def test_every_mismatch_is_named_in_order():
     config = {"splits.val": "train", "method.use_lreg": "False"}
     assert comparability(number, "val_miou_ms", "afa", config) == (
         "not comparable: published on split 'val', ours on 'train'; published single-scale, ours multi-scale; "
-        "published after dense CRF, ours without; published after IRN, which the harness does not run; "
+        "published after dense CRF, ours without; published after IRN, ours without (eval.refine=irn runs it); "
         "published with the best CAM epoch chosen on pixel labels (oracle), ours keeps the last epoch; "
         "published with afa.use_lreg = true, ours False; published with afa.cam_scales = [1.0, 0.5]; the runs do not set it")
+
+
+def test_irn_numbers_compare_only_with_rows_that_ran_irn():
+    # IRN replaces the pseudo masks: it is behind mask and val numbers, never behind CAM numbers.
+    irn = parse_number("mask_miou", {"value": 71.7, "irn": True}, "here")
+    assert comparability(irn, "mask_miou", "adcam", {"eval.refine": "irn"}) == ""
+    assert "ours without" in comparability(irn, "mask_miou", "adcam", {"eval.refine": "none"})
+    assert comparability(parse_number("val_miou", {"value": 69.0, "irn": True}, "here"), "val_miou", "adcam",
+                         {"eval.refine": "irn"}) == ""
+    seed = parse_number("cam_miou", {"value": 63.5, "irn": False}, "here")
+    assert comparability(seed, "cam_miou", "adcam", {"eval.refine": "irn"}) == ""
+    plain = parse_number("mask_miou", {"value": 1.0, "irn": False}, "here")
+    assert comparability(plain, "mask_miou", "adcam", {"eval.refine": "irn"}) == "not comparable: published without IRN, ours after IRN"
 
 
 def test_unrecorded_split_and_config_values_of_every_type():
