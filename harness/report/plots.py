@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
-    from harness.report import Leaderboard
+    from harness.report.leaderboard import Leaderboard
 
 DPI = 100
 
@@ -61,7 +61,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def make_plots(board: "Leaderboard", curves: dict[str, list[tuple[float, float]]], out_dir: Path) -> dict[str, Path]:
-    from harness.report import PER_CLASS_TITLES, SHORT_TITLES, per_class_whats, primary_metric
+    from harness.report.leaderboard import PER_CLASS_TITLES, SHORT_TITLES, per_class_whats, primary_metric
 
     out: dict[str, Path] = {}
     for (suite, dataset), sub in board.table.groupby(["suite", "dataset"], sort=True):
@@ -164,7 +164,7 @@ def cam_curve_plot(runs: pd.DataFrame, curves: dict[str, list[tuple[float, float
 def per_class_plot(part: pd.DataFrame, labels: list[str], colors: dict, title: str, path: Path) -> Path | None:
     if part.empty:
         return None
-    from harness.report import _class_sort_key
+    from harness.report.leaderboard import _class_sort_key
 
     classes = sorted(set(part["class"]), key=_class_sort_key)
     labels = [lb for lb in sorted(labels) if lb in set(part["label"])]
