@@ -55,6 +55,9 @@ leaderboard.csv columns (stable; ``pandas.read_csv``), in this order:
 ``code_version``                   the git commit of the runs (one per row)
 ``code_flag``                      '' | ``mixed`` | ``dirty`` | ``unknown`` (see above)
 ``label``                          the row's display name
+``tag``                            the short name the reports show: ``label`` with its variant
+                                   settings replaced by ``·v<k>`` (``weaktr·v2``; the reports'
+                                   legend lists each tag's settings)
 ``random_init``                    True: real data (a data root) and a ``*pretrained`` field
                                    None, i.e. trained without ImageNet weights (label flagged)
 ``n_seeds, seeds``                 finished seeds averaged, space-separated seed list
@@ -87,8 +90,9 @@ leaderboard.csv columns (stable; ``pandas.read_csv``), in this order:
 =================================  ===========================================================
 
 pairwise.csv: ``suite, dataset, metric, a, b, n_matched, seeds, mean_diff, std_diff, ci_low,
-ci_high, t, p_value, distinguishable, verdict`` (a, b are row labels; diff = a - b; empty
-``distinguishable`` when fewer than two seeds match).
+ci_high, t, p_value, distinguishable, verdict, p_holm`` (a, b are row labels; diff = a - b; empty
+``distinguishable`` when fewer than two seeds match; ``p_holm``: p_value adjusted with Holm's step-down
+over the pairs of one suite, dataset and metric, harness/stats.py).
 
 per_class.csv: ``suite, dataset, label, method, variant, code_version, what, class, n, mean,
 std, ci_low, ci_high`` (what in cam, mask, val_ss, val_ms, val_ms_crf).

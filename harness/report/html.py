@@ -82,8 +82,9 @@ def _context(blocks: list[tuple], plots: dict[str, Path]) -> list[dict[str, Any]
     return out
 
 
-def render_html(board: Leaderboard, plots: dict[str, Path] | None = None, gallery: dict | None = None) -> str:
+def render_html(board: Leaderboard, plots: dict[str, Path] | None = None, gallery: dict | None = None,
+                pairwise_metrics: list[str] | None = None) -> str:
     """The report as one HTML document. ``plots``: title -> PNG path; ``gallery``: as
     returned by :func:`harness.report.gallery.collect_gallery` (absolute paths)."""
-    blocks = _context(report_blocks(board, plots, gallery), plots or {})
+    blocks = _context(report_blocks(board, plots, gallery, pairwise_metrics), plots or {})
     return _template().render(title="wsss-bench leaderboard", blocks=blocks)

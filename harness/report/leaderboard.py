@@ -95,6 +95,10 @@ class Leaderboard:
     warnings: list[str] = field(default_factory=list)
     protocols: dict[tuple[str, str], str] = field(default_factory=dict)  # (suite, dataset) -> settings
     meta: dict[str, str] = field(default_factory=dict)
+    # trivial baselines on the same splits (harness/report/baselines.py): one row per
+    # (suite, dataset, baseline) with <m>_mean columns; empty when the data was not at hand
+    baselines: pd.DataFrame = field(default_factory=pd.DataFrame)
+    legends: dict[tuple[str, str], list[tuple[str, str]]] = field(default_factory=dict)  # (suite, dataset) -> [(tag, settings)]
 
     @property
     def empty(self) -> bool:
@@ -168,10 +172,12 @@ def build_leaderboard(
     runs: pd.DataFrame,
     references: dict[str, dict[str, dict[str, Any]]] | None = None,
     expected_seeds: dict[str, Iterable[int]] | None = None,
+    baselines: pd.DataFrame | None = None,
 ) -> Leaderboard:
     """Aggregate runs over seeds. ``references``: suite -> method -> metric -> published
     value (string entries such as ``source`` are notes); ``expected_seeds``: suite -> the
-    seeds every method should have (the suite file's), besides those seen in the store."""
+    seeds every method should have (the suite file's), besides those seen in the store;
+    ``baselines``: the trivial-baseline frame of harness/report/baselines.py (kept as is)."""
     meta = {"tracking_uri": _display_uri(runs.attrs.get("tracking_uri", "")), "selection": runs.attrs.get("selection", "")}
     if runs.empty:
         return Leaderboard(pd.DataFrame(), pd.DataFrame(), meta=meta)
@@ -308,7 +314,38 @@ def build_leaderboard(
     runs_out = runs.copy()
     meta["generated"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta["n_runs"] = str(len(runs))
-    return Leaderboard(table, failed, pairwise, pd.DataFrame(per_class_rows), runs_out, warnings, protocols, meta)
+    table["tag"], legends = _short_tags(table)
+    table = table.reindex(columns=leaderboard_columns())
+    return Leaderboard(table, failed, pairwise, pd.DataFrame(per_class_rows), runs_out, warnings, protocols, meta,
+                       baselines if baselines is not None else pd.DataFrame(), legends)
+
+
+def _short_tags(table: pd.DataFrame) -> tuple[list[str], dict[tuple[str, str], list[tuple[str, str]]]]:
+    """A short display name per row and, per (suite, dataset), the legend of its variants.
+
+    A row whose method has one configuration in the suite keeps its label (``afa``, ``delta
+    @aaa``); otherwise the ``[settings]`` part becomes ``·v<k>`` (k = 1, 2, ... in the order of
+    the variants' text), e.g. ``weaktr·v2``, and the legend lists for ``weaktr·v2`` only the
+    settings that differ between the method's configurations (what is common to them is the
+    suite's recipe, stated once in the protocol). leaderboard.csv keeps the full ``label``
+    and ``variant``.
+    """
+    tags: list[str] = []
+    legends: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    numbers: dict[tuple[str, str, str], dict[str, int]] = {}
+    for (suite, dataset, method), group in table.groupby(["suite", "dataset", "method"], sort=True):
+        variants = sorted(v for v in set(group["variant"]) if v)
+        numbers[(suite, dataset, method)] = {v: k for k, v in enumerate(variants, 1)}
+        for k, v in enumerate(variants, 1):
+            legends.setdefault((suite, dataset), []).append((f"{method}·v{k}", v.replace(",", ", ")))
+    for _, r in table.iterrows():
+        variant = r["variant"]
+        if not variant:
+            tags.append(r["label"])
+            continue
+        k = numbers[(r["suite"], r["dataset"], r["method"])][variant]
+        tags.append(r["label"].replace(f"{r['method']} [{variant}]", f"{r['method']}·v{k}", 1))
+    return tags, legends
 
 
 def _oracle_threshold_at_sweep_end(done: pd.DataFrame) -> list[int]:
@@ -433,7 +470,7 @@ def _per_class(done: pd.DataFrame, row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 PAIRWISE_COLUMNS = ["suite", "dataset", "metric", "a", "b", "n_matched", "seeds", "mean_diff", "std_diff", "ci_low", "ci_high",
-                    "t", "p_value", "distinguishable", "verdict"]
+                    "t", "p_value", "distinguishable", "verdict", "p_holm"]
 
 def _pairwise(table: pd.DataFrame, per_seed: dict[str, dict[str, dict[int, float]]]) -> pd.DataFrame:
     out = []
@@ -442,6 +479,7 @@ def _pairwise(table: pd.DataFrame, per_seed: dict[str, dict[str, dict[int, float
     for (suite, dataset), group in table.groupby(["suite", "dataset"], sort=False):
         labels = list(group.sort_values("label")["label"])
         for metric in RANK_METRICS:
+            family: list[dict[str, Any]] = []
             for i, a in enumerate(labels):
                 for b in labels[i + 1:]:
                     sa = per_seed[f"{suite}\x1f{dataset}\x1f{a}"][metric]
@@ -450,10 +488,14 @@ def _pairwise(table: pd.DataFrame, per_seed: dict[str, dict[str, dict[int, float
                         continue
                     cmp = stats.paired_compare(sa, sb)
                     verdict = cmp.verdict.replace("A better", f"{a} better").replace("B better", f"{b} better")
-                    out.append({"suite": suite, "dataset": dataset, "metric": metric, "a": a, "b": b, "n_matched": cmp.n,
-                                "seeds": " ".join(map(str, cmp.seeds)), "mean_diff": cmp.mean_diff, "std_diff": cmp.std_diff,
-                                "ci_low": cmp.ci_low, "ci_high": cmp.ci_high, "t": cmp.t, "p_value": cmp.p_value,
-                                "distinguishable": cmp.distinguishable, "verdict": verdict})
+                    family.append({"suite": suite, "dataset": dataset, "metric": metric, "a": a, "b": b, "n_matched": cmp.n,
+                                   "seeds": " ".join(map(str, cmp.seeds)), "mean_diff": cmp.mean_diff, "std_diff": cmp.std_diff,
+                                   "ci_low": cmp.ci_low, "ci_high": cmp.ci_high, "t": cmp.t, "p_value": cmp.p_value,
+                                   "distinguishable": cmp.distinguishable, "verdict": verdict})
+            # Holm over the pairs of this (suite, dataset, metric): one family of tests
+            for entry, adjusted in zip(family, stats.holm([e["p_value"] for e in family])):
+                entry["p_holm"] = adjusted
+            out += family
     return pd.DataFrame(out, columns=PAIRWISE_COLUMNS)
 
 
@@ -506,7 +548,7 @@ RUN_COLUMNS = ["experiment", "run_id", "suite", "dataset", "method", "variant", 
 
 def leaderboard_columns() -> list[str]:
     """leaderboard.csv's columns, in order (documented in the module docstring)."""
-    cols = ["suite", "dataset", "method", "variant", "segmentation", "code_version", "code_flag", "label", "random_init",
+    cols = ["suite", "dataset", "method", "variant", "segmentation", "code_version", "code_flag", "label", "tag", "random_init",
             "n_seeds", "seeds", "missing_seeds", "n_failed"]
     for m in QUALITY_METRICS:
         cols += [f"{m}_n", f"{m}_mean", f"{m}_std", f"{m}_ci_low", f"{m}_ci_high"]

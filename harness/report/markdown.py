@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 from harness.report.document import report_blocks
@@ -9,15 +10,25 @@ from harness.report.leaderboard import Leaderboard
 from harness.report.store import GALLERY_KINDS
 
 
-def _md_cell(text: Any) -> str:
+def _md_cell(value: Any) -> str:
+    """A table cell; a (text, hover title) cell keeps its text (markdown has no hover)."""
+    text = value[0] if isinstance(value, tuple) else value
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(board: Leaderboard, plots: dict[str, str] | None = None, gallery: dict | None = None) -> str:
-    """The report as markdown. ``plots``: title -> relative png path; ``gallery``: as
-    returned by :func:`collect_gallery`, with paths relative to the markdown file."""
+def to_markdown(board: Leaderboard, plots: dict[str, str] | None = None, gallery: dict | None = None,
+                pairwise_metrics: list[str] | None = None) -> str:
+    """The report as markdown, in the HTML report's order; ``details`` blocks become
+    ``<details>`` elements (GitHub renders the markdown inside them). ``plots``: title ->
+    relative png path; ``gallery``: as returned by :func:`harness.report.gallery.collect_gallery`,
+    with paths relative to the markdown file."""
+    lines = _render(report_blocks(board, plots, gallery, pairwise_metrics), plots or {})
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _render(blocks: list[tuple], plots: dict[str, str]) -> list[str]:
     lines: list[str] = []
-    for block in report_blocks(board, plots, gallery):
+    for block in blocks:
         kind = block[0]
         if kind in ("h1", "h2", "h3"):
             lines += ["#" * int(kind[1]) + " " + block[1], ""]
@@ -44,4 +55,8 @@ def to_markdown(board: Leaderboard, plots: dict[str, str] | None = None, gallery
                     cells += [f"![{k}]({kinds[k]})" if k in kinds else "-" for k in GALLERY_KINDS]
                     lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
             lines.append("")
-    return "\n".join(lines).rstrip("\n") + "\n"
+        elif kind == "details":
+            _, summary, inner, is_open = block
+            lines += [f"<details{' open' if is_open else ''}><summary>{html.escape(summary, quote=False)}</summary>", ""]
+            lines += _render(inner, plots) + ["</details>", ""]
+    return lines

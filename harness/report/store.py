@@ -29,6 +29,7 @@ The runs frame: one row per live (not superseded) trial run, columns
 ``config``          JSON text: the run's ``method.*``, ``dataset.*``, ``eval.*`` and
                     ``splits.*`` params, sorted (what decides the row's variant)
 ``random_init``     bool: real data and a ``*pretrained`` method param left None
+``data_root``       param ``data_root`` as logged (``None`` for generated data)
 ``start_time``,     MLflow epoch milliseconds (0 when absent)
 ``end_time``
 *every metric*      float, one column per logged metric (``val_miou_ss``, ``time_<stage>_s``,
@@ -174,6 +175,7 @@ def _run_row(run, experiment_name: str) -> dict[str, Any] | None:
         "segmentation": "common" if _truthy(params.get("eval.common_segmentation")) or any(
             k.startswith("eval.common_segmentation.") for k in params) else "own",
         "config": json.dumps(config),
+        "data_root": params.get("data_root", "None"),
         # real data (a data root) with a checkpoint field (`pretrained`, `seg_pretrained`) left None
         "random_init": params.get("data_root", "None") != "None" and any(
             k.startswith("method.") and k.endswith("pretrained") and v in ("None", "") for k, v in params.items()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -27,18 +28,35 @@ def write_report(
     plots: bool = True,
     gallery: bool = True,
     require_runs: bool = False,
+    baselines: bool = True,
+    cache_dir: Path | None = None,
+    pairwise_metrics: list[str] | None = None,
 ) -> Leaderboard:
     """Write leaderboard.md / .csv / .html (+ pairwise.csv, per_class.csv, runs.csv, plots/,
     gallery/) into ``out_dir`` (its plots/ and gallery/ folders are replaced); returns the
     leaderboard. ``require_runs``: raise a ResultsError instead of writing an empty report
-    when nothing matches."""
+    when nothing matches. ``baselines``: add the trivial-baseline rows
+    (harness/report/baselines.py), computed from the data where it is at hand and cached in
+    ``cache_dir`` (the results' ``cache/``; None: a temporary folder, nothing kept).
+    ``pairwise_metrics``: metrics whose pairwise comparisons the md / html show (default the
+    primary one; pairwise.csv has every metric)."""
     runs = fetch_runs(tracking_uri, suites, experiments, filter_string)
     if runs.empty and require_runs:
         raise ResultsError(
             f"No wsss-bench trial runs in {tracking_uri} match ({_describe_selection(suites, experiments, filter_string)}). "
             "Run `wsss-bench run --methods ... --dataset ...` first, or point --results / --tracking-uri at the store that has them."
         )
-    board = build_leaderboard(runs, references, expected_seeds)
+    base_rows, base_notes = None, []
+    if baselines and not runs.empty:
+        from harness.report.baselines import compute_baselines
+
+        if cache_dir is None:
+            with tempfile.TemporaryDirectory(prefix="wsss-baselines-") as tmp:
+                base_rows, base_notes = compute_baselines(runs, Path(tmp) / "cache")
+        else:
+            base_rows, base_notes = compute_baselines(runs, Path(cache_dir))
+    board = build_leaderboard(runs, references, expected_seeds, base_rows)
+    board.warnings += base_notes
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for sub in ("plots", "gallery"):
@@ -56,10 +74,10 @@ def write_report(
                                                              for i, kinds in e["images"].items()}} for e in g["rows"]]}
         for key, g in gallery_data.items()
     }
-    (out_dir / "leaderboard.md").write_text(to_markdown(board, rel_plots, rel_gallery))
+    (out_dir / "leaderboard.md").write_text(to_markdown(board, rel_plots, rel_gallery, pairwise_metrics))
     write_csvs(board, out_dir)
     if html:
         from harness.report.html import render_html
 
-        (out_dir / "leaderboard.html").write_text(render_html(board, plot_files, gallery_data), encoding="utf-8")
+        (out_dir / "leaderboard.html").write_text(render_html(board, plot_files, gallery_data, pairwise_metrics), encoding="utf-8")
     return board
