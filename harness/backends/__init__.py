@@ -192,9 +192,11 @@ class SweepResult:
                 "trials are kept and the others resume.")
 
 
-def _finished_in_mlflow(tracker, specs) -> dict[str, list[str]]:
+def _finished_in_mlflow(tracker, specs, stored: dict[str, tuple[str, str, dict[str, float]]] | None = None) -> dict[str, list[str]]:
     """Trial id -> the code trees of its finished runs (:func:`harness.tracking.run_is_finished`):
     one paged query for the experiment's finished runs rather than one query per trial.
+    ``stored``, when given, is filled with trial id -> [(code tree, run id, metrics)] of those
+    runs, so a skipped trial can report the numbers it already has.
 
     A trial with a finished run may also have a live run whose tag says finished but whose
     status does not (a driver killed in that window, before this rule, re-ran the trial in a
@@ -214,6 +216,8 @@ def _finished_in_mlflow(tracker, specs) -> dict[str, list[str]]:
                 continue
             if run_is_finished(run):
                 out.setdefault(tags[TRIAL_TAG], []).append(tags.get(CODE_TREE_TAG, ""))
+                if stored is not None:
+                    stored.setdefault(tags[TRIAL_TAG], []).append((tags.get(CODE_TREE_TAG, ""), run.info.run_id, dict(run.data.metrics)))
             else:
                 stale.setdefault(tags[TRIAL_TAG], []).append(run.info.run_id)
         token = page.token
@@ -363,13 +367,17 @@ def run_sweep(specs, results_dir: Path, tracking_uri: str, options: BackendOptio
     else:
         from harness.tracking import current_code_tree, same_code
 
-        finished = _finished_in_mlflow(tracker, todo) if todo else {}
+        stored: dict[str, list[tuple[str, str, dict[str, float]]]] = {}
+        finished = _finished_in_mlflow(tracker, todo, stored) if todo else {}
         current = current_code_tree() if finished else ""
         older = {s.trial_id for s in todo if s.trial_id in finished and not reuse_older_code
                  and not any(same_code(tree, current) for tree in finished[s.trial_id])}
         for spec in todo:
             if spec.trial_id in finished and spec.trial_id not in older:
-                emit(TrialOutcome(spec, "skipped", run_id=None))
+                # the stored numbers of the run that counts (same code tree first), not "-" and time 0
+                runs = sorted(stored.get(spec.trial_id, []), key=lambda r: not same_code(r[0], current))
+                run_id, metrics = (runs[0][1], runs[0][2]) if runs else (None, {})
+                emit(TrialOutcome(spec, "skipped", metrics=metrics, run_id=run_id))
             elif spec.trial_id in older:  # as --force, for this trial only: the old run stays, marked superseded
                 log(f"{spec.label} ({spec.trial_id}) finished with older code (code tree {', '.join(sorted(set(finished[spec.trial_id])))}; "
                     f"now {current}): re-running it; its old run is kept, marked superseded (--reuse-older-code keeps it instead)")
