@@ -58,7 +58,9 @@ def collect_gallery(board: Leaderboard, tracking_uri: str, out_dir: Path, max_si
                                 im2 = im2.resize((max(1, round(im2.width * scale)), max(1, round(im2.height * scale))), resample)
                             im2.save(dst, optimize=True)
                         images.setdefault(image_id, {})[kind] = dst
-                entries.append({"label": row["label"], "seed": int(run["seed"]), "run_id": run["run_id"], "images": images})
+                tag = row.get("tag")
+                name = tag if isinstance(tag, str) and tag else row["label"]  # the short tag the tables show
+                entries.append({"label": row["label"], "name": name, "seed": int(run["seed"]), "run_id": run["run_id"], "images": images})
             if entries:
                 ids = sorted(set().union(*(e["images"].keys() for e in entries)))
                 common = [i for i in ids if all(i in e["images"] for e in entries)]

@@ -74,7 +74,7 @@ def _context(blocks: list[tuple], plots: dict[str, Path]) -> list[dict[str, Any]
                     kinds = entry["images"].get(image_id, {})
                     cells = [{"alt": f"{entry['label']} {image_id} {k}", "src": data_uri(kinds[k])} if k in kinds else None
                              for k in GALLERY_KINDS]
-                    rows.append({"image_id": str(image_id), "label": f"{entry['label']} (seed {entry['seed']})", "cells": cells})
+                    rows.append({"image_id": str(image_id), "label": f"{entry.get('name', entry['label'])} (seed {entry['seed']})", "cells": cells})
             out.append({"kind": "gallery", "kinds": list(GALLERY_KINDS), "rows": rows})
         elif kind == "details":
             _, summary, inner, is_open = block

@@ -51,7 +51,7 @@ def _render(blocks: list[tuple], plots: dict[str, str]) -> list[str]:
             for image_id in g["ids"]:
                 for entry in g["rows"]:
                     kinds = entry["images"].get(image_id, {})
-                    cells = [image_id, f"{entry['label']} (seed {entry['seed']})"]
+                    cells = [image_id, f"{entry.get('name', entry['label'])} (seed {entry['seed']})"]
                     cells += [f"![{k}]({kinds[k]})" if k in kinds else "-" for k in GALLERY_KINDS]
                     lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
             lines.append("")
