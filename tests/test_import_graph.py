@@ -1,6 +1,8 @@
 """The harness's imports run one way: an import graph over harness/ built with ``ast`` (every
-``import`` / ``from ... import`` anywhere in a module, including imports inside functions)
-has no cycle, and within harness/report/ no renderer imports another."""
+``import`` / ``from ... import`` anywhere in a module, including imports inside functions;
+only ``if TYPE_CHECKING:`` blocks, which never run, are left out) has no cycle; within
+harness/report/ no renderer imports another, and the backends' orchestration does not
+import the package face that re-exports it."""
 
 from __future__ import annotations
 
@@ -25,7 +27,12 @@ def import_graph(package: str = "harness") -> dict[str, set[str]]:
     modules = {module_name(p): p for p in (ROOT / package).rglob("*.py")}
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                     for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in type_only:  # `if TYPE_CHECKING:` imports never run
+                continue
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -35,6 +42,11 @@ def import_graph(package: str = "harness") -> dict[str, set[str]]:
                 if target in modules and target != name:
                     graph[name].add(target)
     return graph
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -89,3 +101,11 @@ def test_report_package_imports_run_one_way():
 
 def test_harness_has_no_import_circle():
     assert cycles(import_graph()) == []
+
+
+def test_backends_face_and_orchestration():
+    graph = import_graph()
+    assert "harness.backends.orchestration" in graph["harness.backends"]  # the face re-exports run_sweep
+    assert "harness.backends" not in graph["harness.backends.orchestration"]
+    for backend in ("harness.backends.local", "harness.backends.ray_backend", "harness.backends.slurm"):
+        assert "harness.backends.orchestration" not in graph[backend], backend  # backends submit and watch only
