@@ -90,3 +90,13 @@ def test_markdown_opens_on_the_headline_and_pairwise_is_a_holm_corrected_grid():
     assert list(pw.sort_values("p_value")["p_holm"]) == pytest.approx([3 * p[0], max(3 * p[0], 2 * p[1]), max(3 * p[0], 2 * p[1], p[2])])
     assert "| weaktr·v1 | · | +10.7* | +21.5* |" in md  # row - column, * = p (Holm) < 0.05
     assert "| weaktr·v2 | -10.7* | · | +10.8* |" in md
+
+
+def test_baselines_are_skipped_with_a_reason_when_the_data_is_not_here(tmp_path):
+    from harness.report.baselines import compute_baselines
+
+    runs = pd.DataFrame([{"suite": "voc-mini", "dataset": "voc", "status": "finished", "config": "{}",
+                          "data_root": str(tmp_path / "no-such-VOC2012")}])
+    frame, notes = compute_baselines(runs, tmp_path / "cache")
+    assert frame.empty
+    assert notes == [f"voc-mini/voc: no baseline rows: the runs' data root {tmp_path / 'no-such-VOC2012'} is not on this machine."]

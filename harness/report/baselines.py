@@ -127,8 +127,9 @@ def compute_baselines(runs: pd.DataFrame, cache_dir: Path | None) -> tuple[pd.Da
                 value = _cached(cache_dir / "baselines" if cache_dir else None, key,
                                 lambda: score_split(data.split(name), data.info.num_classes, limit, protocol["convention"]))
                 scores[role] = (name, value[0], int(value[1]))
-        except (WsssError, OSError, KeyError, ValueError) as exc:  # a report must not fail on its baselines
-            notes.append(f"{suite}/{dataset}: no baseline rows: {exc}")
+        except Exception as exc:  # noqa: BLE001  (a report must not fail on its baselines; the reason is shown)
+            reason = str(exc) if isinstance(exc, WsssError) else f"{type(exc).__name__}: {exc}"
+            notes.append(f"{suite}/{dataset}: no baseline rows: {reason}")
             continue
         for kind in BASELINES:
             rows.append({"suite": suite, "dataset": dataset, "baseline": kind,
