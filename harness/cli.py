@@ -233,7 +233,8 @@ def cmd_run(args) -> int:
         try:
             swept = run_sweep(specs, results, uri, options, args.device, args.force, parent, factory,
                               on_outcome=lambda outcome: (progress.advance(sweep_task), progress.console.print(_outcome_line(outcome), soft_wrap=True)),
-                              log=lambda text: progress.console.print(escape(text), soft_wrap=True), reuse_older_code=args.reuse_older_code)
+                              log=lambda text: progress.console.print(escape(text), soft_wrap=True), reuse_older_code=args.reuse_older_code,
+                              tracker=tracker)
         except BaseException as exc:  # the trials record their own state; the parent must not stay RUNNING
             tracker.close_sweep(parent, None, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise

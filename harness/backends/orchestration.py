@@ -196,8 +196,13 @@ class _Progress:
 
 def run_sweep(specs, results_dir: Path, tracking_uri: str, options: BackendOptions, device: str = "cpu", force: bool = False,
               parent_run_id: str | None = None, progress_factory=None, on_outcome=None, log: Callable[[str], None] = print,
-              reuse_older_code: bool = False) -> SweepResult:
-    """Run (or submit) every trial of a sweep on the chosen backend; see the module doc."""
+              reuse_older_code: bool = False, tracker=None) -> SweepResult:
+    """Run (or submit) every trial of a sweep on the chosen backend; see the module doc.
+
+    ``tracker``: the caller's :class:`harness.tracking.Tracker` on ``tracking_uri`` for the
+    specs' suite (the one object the driver tracks through; built here when None). Workers in
+    other processes, and the driver once a tracking server fronts the store, reach MLflow by
+    URI: an object cannot cross a process."""
     from harness.backends import worker as W
     from harness.backends.status import collect, write_submission
     from harness.sweep import TrialOutcome
@@ -235,7 +240,8 @@ def run_sweep(specs, results_dir: Path, tracking_uri: str, options: BackendOptio
     todo = [s for s in specs if s.trial_id not in {st.trial_id for st in live}]
 
     # 2. finished trials are skipped (or, with --force, superseded and cleared here, once)
-    tracker = Tracker(tracking_uri, specs[0].suite) if specs else None
+    if tracker is None and specs:
+        tracker = Tracker(tracking_uri, specs[0].suite)
     def supersede(spec) -> None:
         tracker.supersede(spec.trial_id)
         TrialDir(results_dir, spec).clear()
@@ -280,7 +286,7 @@ def run_sweep(specs, results_dir: Path, tracking_uri: str, options: BackendOptio
             worker_uri = server.uri
             log(f"MLflow tracking server {server.uri} ({'reused' if not started_server else 'started'}; store {tracking_uri})")
         result.worker_uri = worker_uri
-        driver_tracker = Tracker(worker_uri, specs[0].suite) if (todo or attach) else None
+        driver_tracker = (tracker if worker_uri == tracking_uri else Tracker(worker_uri, specs[0].suite)) if (todo or attach) else None
         progress = _Progress(results_dir, by_id, progress_factory)
         for spec in todo:
             TrialDir(results_dir, spec)  # spec.json now: `status` lists queued trials before any worker starts
