@@ -9,6 +9,8 @@ Blocks::
     ("table", head, rows, css_class)       cells are plain text
     ("img", title, key)                    key: the plot's title in the ``plots`` mapping
     ("gallery", gallery)                   one (suite, dataset) entry of collect_gallery
+    ("details", summary, blocks, open)     a collapsible part holding more blocks
+    table cells are text, or (text, hover title) where the HTML shows e.g. a CI on hover
 """
 
 from __future__ import annotations
