@@ -3,7 +3,7 @@ everything)."""
 
 from __future__ import annotations
 
-from harness.report.document import _flag, fmt_hours, fmt_num, fmt_rank, fmt_stat
+from harness.report.document import BASELINE_SOURCE, _flag, fmt_hours, fmt_num, fmt_rank, fmt_stat
 from harness.report.leaderboard import SHORT_TITLES, Leaderboard, primary_metric
 
 
@@ -34,6 +34,14 @@ def leaderboard_table(board: Leaderboard):
         table.add_row(*lead, label, f"{row['n_seeds']}/{expected}", *cells,
                       fmt_rank(row, primary, board.table) if primary else "-", fmt_hours(row["time_total_s_mean"] / 3600),
                       fmt_num(row["params_total"] / 1e6, 2), fmt_num(row["gmacs_total"], 2))
+    shown = set(zip(board.table["suite"], board.table["dataset"]))
+    for _, b in board.baselines.iterrows() if not board.baselines.empty else []:
+        if (b["suite"], b["dataset"]) not in shown:
+            continue
+        lead = [b["suite"]] if len(suites) > 1 else []
+        table.add_row(*lead, f"[italic]baseline: {escape(b['baseline'])}", "-",
+                      *[fmt_num(b[BASELINE_SOURCE[m]]) for m, _ in columns], "-", "-", "-", "-")
     table.caption = (f"n = finished/expected seeds. CAM* = best background threshold (oracle); CAM@t = the method's own fixed threshold. Rank by "
-                     f"{SHORT_TITLES.get(primary, '-')}; '=' = not distinguishable from seed noise; no rank with n < 2.")
+                     f"{SHORT_TITLES.get(primary, '-')}; '=' = not distinguishable from seed noise; no rank with n < 2."
+                     + (" Baselines: trivial predictions on the same splits." if not board.baselines.empty else ""))
     return table
