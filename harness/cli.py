@@ -65,7 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--suite", action="append", help="only these suites (repeatable); default every wsss-bench suite in the store")
     report.add_argument("--experiment", action="append", help="only these MLflow experiments, by full name (repeatable)")
     report.add_argument("--filter", help="MLflow search filter ANDed with 'is a trial run', e.g. \"tags.`wsss.method` = 'afa'\"")
-    report.add_argument("--out", help="output directory (default <results>/report)")
+    report.add_argument("--out", help="one report of the whole selection in this directory (default: one per suite in "
+                                      "<results>/report/<suite>/, the files `run` writes)")
+    report.add_argument("--pairwise", action="append", metavar="METRIC",
+                        help="also show the pairwise comparisons of this metric (repeatable; default only the primary one; "
+                             "pairwise.csv has them all), e.g. cam_miou, mask_miou, val_miou_ss")
     report.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     report.add_argument("--no-gallery", action="store_true", help="skip the image gallery (no artifact downloads)")
 
@@ -170,7 +174,6 @@ def _split_list(text: str | None, what: str) -> list[str]:
 def cmd_run(args) -> int:
     from harness.config import default_suite, expand_data_root, load_suite, parse_overrides
     from harness.datasets.preflight import preflight
-    from harness.report import suite_references, write_report
     from harness.sweep import plan_trials, sweep_key, trial_state
     from harness.tracking import Tracker
 
@@ -218,16 +221,20 @@ def cmd_run(args) -> int:
 
         def factory(spec):
             stage_task = progress.add_task(f"{spec.label} [dim]{spec.trial_id}", total=None)
+            log_stage = None if console.is_terminal else _stage_logger(spec, progress.console)
 
             def report(stage: str, done: int, total: int) -> None:
                 progress.update(stage_task, description=f"{spec.label} · {stage}", completed=done, total=total or None)
+                if log_stage is not None:  # off a terminal the bar is invisible: one line per stage start / end
+                    log_stage(stage, done, total)
 
             return report
 
         try:
             swept = run_sweep(specs, results, uri, options, args.device, args.force, parent, factory,
                               on_outcome=lambda outcome: (progress.advance(sweep_task), progress.console.print(_outcome_line(outcome), soft_wrap=True)),
-                              log=lambda text: progress.console.print(escape(text), soft_wrap=True), reuse_older_code=args.reuse_older_code)
+                              log=lambda text: progress.console.print(escape(text), soft_wrap=True), reuse_older_code=args.reuse_older_code,
+                              tracker=tracker)
         except BaseException as exc:  # the trials record their own state; the parent must not stay RUNNING
             tracker.close_sweep(parent, None, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
@@ -255,8 +262,7 @@ def cmd_run(args) -> int:
     if swept.disk_errors:
         console.print(f"[red]{escape(swept.disk_paragraph(results))}", soft_wrap=True)
         return 1
-    board = write_report(uri, results / "report" / suite.name, [suite.name], suite_references([suite]))
-    _print_leaderboard(board, results / "report" / suite.name)
+    _write_reports(uri, results, [suite.name], extra_suite=suite)
     if swept.unfinished:
         console.print(f"[red]{len(swept.unfinished)} trial(s) are not finished: {escape(', '.join(s.label for s in swept.unfinished))}.", soft_wrap=True)
     return 1 if swept.failed or swept.unfinished else 0
@@ -277,6 +283,66 @@ def _print_summary(outcomes) -> None:
             console.print(f"[red]{o.spec.label} ({o.spec.trial_id}) failed:[/] {escape(o.error)}", soft_wrap=True)
 
 
+def _stage_logger(spec, out: Console):
+    """A progress callback's log lines: ``HH:MM:SS <trial> · <stage> started`` when a stage
+    begins and ``... <stage> done (<s> s)`` when it completes (done == total) or the next
+    one begins (a stage without a count ends there; the trial's outcome line ends the last)."""
+    import time
+
+    state: dict = {"stage": None, "start": 0.0, "ended": True}
+
+    def line(text: str) -> None:
+        out.print(f"{time.strftime('%H:%M:%S')} {escape(spec.label)} · {text}", soft_wrap=True)
+
+    def log(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage != state["stage"]:
+            if not state["ended"]:
+                line(f"{state['stage']} done ({now - state['start']:.0f} s)")
+            state.update(stage=stage, start=now, ended=False)
+            line(f"{stage} started")
+        if total and done >= total and not state["ended"]:
+            state["ended"] = True
+            line(f"{stage} done ({now - state['start']:.0f} s)")
+
+    return log
+
+
+def _write_reports(uri: str, results: Path, names: list[str] | None, extra_suite=None, out: Path | None = None, **options) -> None:
+    """The one way `run` and `report` write leaderboards: per suite ``<results>/report/<suite>/``
+    (or one report of the whole selection in ``out``), with the published numbers and
+    expected seeds of every suite file (plus ``extra_suite``, a suite file `run` loaded), the
+    trivial baselines cached in ``<results>/cache``, and the same terminal table. Raises the
+    ResultsError of an empty selection only when every target is empty."""
+    from harness.config import list_suites, load_suite
+    from harness.report import store_suites, suite_references, suite_seeds, write_report
+
+    suites = {}
+    for name, path in list_suites().items():
+        try:
+            suites[name] = load_suite(str(path))
+        except ConfigError as exc:  # one broken suite file must not block reports of the others
+            console.print(f"[yellow]Suite {name}: no published numbers or expected seeds ({escape(str(exc))})", soft_wrap=True)
+    if extra_suite is not None:
+        suites[extra_suite.name] = extra_suite
+    references, seeds = suite_references(list(suites.values())), suite_seeds(list(suites.values()))
+    if out is not None or options.get("experiments"):
+        targets = [(out or results / "report", names)]
+    else:
+        targets = [(results / "report" / name, [name]) for name in (names or store_suites(uri))]
+    errors = []
+    for target, selection in targets or [(results / "report", names)]:
+        try:
+            board = write_report(uri, target, selection, references, expected_seeds=seeds, require_runs=True,
+                                 cache_dir=results / "cache", **options)
+        except ResultsError as exc:
+            errors.append(exc)
+            continue
+        _print_leaderboard(board, target)
+    if errors and len(errors) == len(targets or [None]):
+        raise errors[0]
+
+
 def _print_leaderboard(board, out_dir: Path) -> None:
     """A compact terminal view; the full table is in the written files."""
     from harness.report import leaderboard_table
@@ -288,8 +354,7 @@ def _print_leaderboard(board, out_dir: Path) -> None:
 
 
 def cmd_report(args) -> int:
-    from harness.config import list_suites, load_suite
-    from harness.report import suite_references, suite_seeds, write_report
+    from harness.report import RANK_METRICS
     from harness.tracking import check_tracking_uri
 
     results = _results_dir(args.results)
@@ -298,18 +363,13 @@ def cmd_report(args) -> int:
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         raise ResultsError(f"No MLflow store at {uri[len('sqlite:///'):]}: nothing has been run with --results {results}. "
                            "Run `wsss-bench run ...` first, or pass the --results / --tracking-uri of the store that has the runs.")
-    suites = []
-    for name, path in list_suites().items():
-        try:
-            suites.append(load_suite(str(path)))
-        except ConfigError as exc:  # one broken suite file must not block reports of the others
-            console.print(f"[yellow]Suite {name}: no published numbers or expected seeds ({escape(str(exc))})", soft_wrap=True)
-    out = Path(args.out) if args.out else results / "report"
-    board = write_report(uri, out, args.suite, suite_references(suites), experiments=args.experiment, filter_string=args.filter,
-                         expected_seeds=suite_seeds(suites), plots=not args.no_plots, gallery=not args.no_gallery, require_runs=True)
-    _print_leaderboard(board, out)
-    console.print(f"Also written: {out}/leaderboard.html, pairwise.csv, per_class.csv, runs.csv" + ("" if args.no_plots else ", plots/")
-                  + ("" if args.no_gallery else ", gallery/"))
+    for metric in args.pairwise or []:
+        if metric not in RANK_METRICS:
+            raise ConfigError(f"--pairwise {metric}: unknown metric; expected one of {', '.join(RANK_METRICS)}.")
+    _write_reports(uri, results, args.suite, out=Path(args.out) if args.out else None, experiments=args.experiment,
+                   filter_string=args.filter, plots=not args.no_plots, gallery=not args.no_gallery, pairwise_metrics=args.pairwise)
+    console.print("Each folder also has leaderboard.html, pairwise.csv, per_class.csv, runs.csv" + ("" if args.no_plots else ", plots/")
+                  + ("" if args.no_gallery else ", gallery/") + ".")
     return 0
 
 

@@ -15,6 +15,9 @@ Conventions used by the reports:
   difference is *distinguishable from seed noise* when the 95% CI of the mean paired
   difference excludes 0 (equivalently, the two-sided paired t-test has p < 0.05). With fewer
   than two shared seeds nothing can be said: ``distinguishable`` is None.
+* Several comparisons at once (every pair of rows): :func:`holm` adjusts their p-values
+  (Holm 1979, step-down), so "p_holm < 0.05" bounds the chance of *any* false "better" among
+  them at 5%.
 * Rank with ties: an entry's rank is 1 + the number of entries that are *distinguishably*
   better than it. Entries that no comparison separates share a rank.
 """
@@ -237,6 +240,23 @@ def rank_with_ties(
     return {x: 1 + sum(1 for y in names if y != x and better(y, x)) for x in names}
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order (NaN stays NaN, not counted).
+
+    With the m valid p-values sorted ascending p_(1) <= ... <= p_(m):
+    adj_(i) = min(1, max_{j <= i} (m - j + 1) * p_(j)); reject H_(i) at level a iff
+    adj_(i) <= a (Holm, Scand. J. Statist. 6, 1979).
+    """
+    valid = sorted((p, i) for i, p in enumerate(p_values) if not _isnan(p))
+    m = len(valid)
+    out = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(valid):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
 def tied(ranks: Mapping[Hashable, int]) -> set[Hashable]:
     """The entries whose rank another entry shares."""
     counts: dict[int, int] = {}
@@ -247,5 +267,5 @@ def tied(ranks: Mapping[Hashable, int]) -> set[Hashable]:
 
 __all__: Sequence[str] = [
     "T_975", "mean", "sample_std", "betainc", "t_cdf", "t_quantile", "t_critical", "t_test_p",
-    "Summary", "summarize", "Paired", "paired_compare", "rank_with_ties", "tied",
+    "Summary", "summarize", "Paired", "paired_compare", "rank_with_ties", "holm", "tied",
 ]

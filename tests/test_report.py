@@ -217,7 +217,7 @@ def test_clean_and_dirty_runs_of_one_tree_get_distinct_labels(tmp_path):
     assert sorted(board.table["label"]) == [f"m @{tree}", f"m @{tree}-dirty"]
     pc = board.per_class[board.per_class["what"] == "val_ss"]
     assert sorted(pc["mean"]) == [50.0, 60.0]
-    from harness.report_plots import per_class_plot
+    from harness.report.plots import per_class_plot
 
     assert per_class_plot(pc, list(board.table["label"]), {}, "val", tmp_path / "pc.png").exists()
 
@@ -320,7 +320,7 @@ def test_empty_leaderboard_renders():
     board = report.build_leaderboard(pd.DataFrame())
     assert board.empty
     assert "No trial runs matched" in report.to_markdown(board)
-    from harness.report_html import render_html
+    from harness.report.html import render_html
 
     assert "No trial runs matched" in render_html(board)
 

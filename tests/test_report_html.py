@@ -233,3 +233,41 @@ def test_report_renders_cleanly(browser, report_html):
     png = browser.screenshot()
     (report_html.parent / "screenshot.png").write_bytes(png)
     assert _pixel_std(png) > 10.0  # not blank: text, tables and plots on white
+
+
+def test_first_screen_shows_the_headline_numbers(browser, report_html):
+    """At 1366x768 (a common laptop screen) the first screenshot shows the headline table:
+    every cell of its rows (rank, method, n, the mIoU numbers, device time, published number)
+    lies inside the viewport, is the topmost element at its centre (not covered, not
+    scrolled off to the right) and has text drawn in the screenshot at that place."""
+    import numpy as np
+    from PIL import Image
+
+    browser.call("Emulation.setDeviceMetricsOverride", width=1366, height=768, deviceScaleFactor=1, mobile=False)
+    try:
+        browser.open(report_html.as_uri())
+        cells = browser.evaluate("""(() => {
+            const table = document.querySelector('table.main');
+            const out = [];
+            table.querySelectorAll('tbody tr').forEach(tr => tr.querySelectorAll('td').forEach(td => {
+                const r = td.getBoundingClientRect();
+                const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+                out.push({text: td.textContent.trim(), left: r.left, top: r.top, right: r.right, bottom: r.bottom,
+                          on_top: hit !== null && (hit === td || td.contains(hit))});
+            }));
+            return out;
+        })()""")
+        png = browser.screenshot()
+    finally:
+        browser.call("Emulation.clearDeviceMetricsOverride")
+    texts = [c["text"] for c in cells]
+    assert "62.0 ± 2.0" in texts and "alpha" in texts and "70.0 (Δ -4.0)" in texts  # alpha's val SS; published val_miou
+    assert any(t.startswith("baseline: all background") for t in texts)
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)
+    assert image.shape == (768, 1366)
+    for c in cells:
+        assert 0 <= c["left"] and c["right"] <= 1366 and 0 <= c["top"] and c["bottom"] <= 768, c
+        assert c["on_top"], c
+        if c["text"]:
+            patch = image[int(c["top"]) + 1:int(c["bottom"]) - 1, int(c["left"]) + 1:int(c["right"]) - 1]
+            assert patch.size and patch.std() > 5.0, c  # glyphs drawn there, not an empty box

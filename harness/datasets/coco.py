@@ -252,8 +252,8 @@ class COCODataset(Dataset):
         super().__init__(root, cache_dir, **options)
         if self.root is None:
             raise DataError(
-                "Dataset coco needs a root folder holding annotations/instances_{train,val}2017.json "
-                "and images/{train,val}2017/."
+                "Dataset coco needs a root folder: pass --data-root PATH with a folder holding "
+                "annotations/instances_{train,val}2017.json and images/{train,val}2017/, or set `root` in the suite's [dataset]."
             )
         if not (self.root / "annotations").is_dir():
             raise DataError(

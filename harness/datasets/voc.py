@@ -51,8 +51,8 @@ def find_voc_root(root: Path | None) -> Path:
     """The VOC2012 folder for ``root`` = VOC2012, VOCdevkit, or a folder holding VOCdevkit."""
     if root is None:
         raise DataError(
-            "Dataset voc needs a root folder: pass the path of VOCdevkit/VOC2012 "
-            "(holding JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/)."
+            "Dataset voc needs a root folder: pass --data-root PATH with the path of VOCdevkit/VOC2012 "
+            "(holding JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/), or set `root` in the suite's [dataset]."
         )
     if not root.is_dir():
         raise DataError(f"VOC root {root} does not exist or is not a folder; expected VOCdevkit/VOC2012.")

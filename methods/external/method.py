@@ -218,3 +218,8 @@ class External(Method):
     # -- state -------------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
         return {}
+
+    def cam_threshold(self) -> float | None:
+        """The background threshold the pseudo masks use (``bg_threshold``), as every method
+        declares its own for the fixed-threshold CAM number."""
+        return self.config.bg_threshold

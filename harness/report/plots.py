@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
-    from harness.report import Leaderboard
+    from harness.report.leaderboard import Leaderboard
 
 DPI = 100
 
@@ -61,20 +61,21 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def make_plots(board: "Leaderboard", curves: dict[str, list[tuple[float, float]]], out_dir: Path) -> dict[str, Path]:
-    from harness.report import PER_CLASS_TITLES, SHORT_TITLES, per_class_whats, primary_metric
+    from harness.report.leaderboard import PER_CLASS_TITLES, SHORT_TITLES, per_class_whats, primary_metric
 
     out: dict[str, Path] = {}
     for (suite, dataset), sub in board.table.groupby(["suite", "dataset"], sort=True):
         prefix = f"{suite}/{dataset}: "
         stem = f"{_slug(suite)}-{_slug(dataset)}"
         colors = _colors(list(sub["label"]))
+        names = _names(sub)
         primary = primary_metric(sub)
         if primary:
-            path = pareto_plot(sub, primary, SHORT_TITLES[primary], colors, out_dir / f"{stem}-pareto.png")
+            path = pareto_plot(sub, primary, SHORT_TITLES[primary], colors, out_dir / f"{stem}-pareto.png", names)
             if path:
                 out[prefix + f"{SHORT_TITLES[primary]} mIoU vs training cost"] = path
         runs = board.runs[(board.runs["suite"] == suite) & (board.runs["dataset"] == dataset) & (board.runs["status"] == "finished")]
-        path = cam_curve_plot(runs, curves, colors, out_dir / f"{stem}-cam-curve.png")
+        path = cam_curve_plot(runs, curves, colors, out_dir / f"{stem}-cam-curve.png", names)
         if path:
             out[prefix + "CAM mIoU vs background threshold"] = path
         pc = board.per_class
@@ -82,13 +83,20 @@ def make_plots(board: "Leaderboard", curves: dict[str, list[tuple[float, float]]
             pc = pc[(pc["suite"] == suite) & (pc["dataset"] == dataset)]
             for what in per_class_whats(pc):
                 path = per_class_plot(pc[pc["what"] == what], list(sub["label"]), colors, PER_CLASS_TITLES[what],
-                                      out_dir / f"{stem}-per-class-{what}.png")
+                                      out_dir / f"{stem}-per-class-{what}.png", names)
                 if path:
                     out[prefix + f"per-class IoU, {PER_CLASS_TITLES[what]}"] = path
     return out
 
 
-def pareto_plot(sub: pd.DataFrame, metric: str, title: str, colors: dict, path: Path) -> Path | None:
+def _names(sub: pd.DataFrame) -> dict[str, str]:
+    """Row label -> the short tag the report's tables show (legends stay readable)."""
+    if "tag" not in sub:
+        return {}
+    return {label: tag for label, tag in zip(sub["label"], sub["tag"]) if isinstance(tag, str) and tag}
+
+
+def pareto_plot(sub: pd.DataFrame, metric: str, title: str, colors: dict, path: Path, names: dict[str, str] | None = None) -> Path | None:
     rows = sub[sub[f"{metric}_mean"].notna() & sub["train_wall_h"].notna() & (sub["train_wall_h"] > 0)]
     if rows.empty:
         return None
@@ -100,7 +108,7 @@ def pareto_plot(sub: pd.DataFrame, metric: str, title: str, colors: dict, path: 
         xs, unit = xs * 60.0, "minutes"
     for (_, r), x, y in zip(rows.iterrows(), xs, ys):
         half = (r[f"{metric}_ci_high"] - r[f"{metric}_ci_low"]) / 2 if not pd.isna(r[f"{metric}_ci_low"]) else 0.0
-        ax.errorbar([x], [y], yerr=[[half], [half]], fmt="o", color=colors[r["label"]], capsize=3, label=f"{r['label']} (n={r['n_seeds']})")
+        ax.errorbar([x], [y], yerr=[[half], [half]], fmt="o", color=colors[r["label"]], capsize=3, label=f"{(names or {}).get(r['label'], r['label'])} (n={r['n_seeds']})")
     front = pareto_front(list(zip(xs, ys)))
     if len(front) > 1:
         ax.plot(xs[front], ys[front], color="0.4", linestyle="--", linewidth=1, label="Pareto front", zorder=0)
@@ -115,7 +123,8 @@ def pareto_plot(sub: pd.DataFrame, metric: str, title: str, colors: dict, path: 
     return _save(fig, path)
 
 
-def cam_curve_plot(runs: pd.DataFrame, curves: dict[str, list[tuple[float, float]]], colors: dict, path: Path) -> Path | None:
+def cam_curve_plot(runs: pd.DataFrame, curves: dict[str, list[tuple[float, float]]], colors: dict, path: Path,
+                   names: dict[str, str] | None = None) -> Path | None:
     by_label: dict[str, list[dict[float, float]]] = {}
     fixed: set[float] = set()
     for _, run in runs.iterrows():
@@ -144,7 +153,7 @@ def cam_curve_plot(runs: pd.DataFrame, curves: dict[str, list[tuple[float, float
         values = np.array([[c[t] for t in thresholds] for c in seeds])
         mean = values.mean(0)
         color = colors.get(label, "k")
-        ax.plot(thresholds, mean, color=color, label=f"{label} (n={len(seeds)})")
+        ax.plot(thresholds, mean, color=color, label=f"{(names or {}).get(label, label)} (n={len(seeds)})")
         if len(seeds) > 1:
             std = values.std(0, ddof=1)
             ax.fill_between(thresholds, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
@@ -161,10 +170,11 @@ def cam_curve_plot(runs: pd.DataFrame, curves: dict[str, list[tuple[float, float
     return _save(fig, path)
 
 
-def per_class_plot(part: pd.DataFrame, labels: list[str], colors: dict, title: str, path: Path) -> Path | None:
+def per_class_plot(part: pd.DataFrame, labels: list[str], colors: dict, title: str, path: Path,
+                   names: dict[str, str] | None = None) -> Path | None:
     if part.empty:
         return None
-    from harness.report import _class_sort_key
+    from harness.report.leaderboard import _class_sort_key
 
     classes = sorted(set(part["class"]), key=_class_sort_key)
     labels = [lb for lb in sorted(labels) if lb in set(part["label"])]
@@ -177,7 +187,7 @@ def per_class_plot(part: pd.DataFrame, labels: list[str], colors: dict, title: s
         means = [grid.loc[(c, label), "mean"] if (c, label) in grid.index else np.nan for c in classes]
         stds = [grid.loc[(c, label), "std"] if (c, label) in grid.index else np.nan for c in classes]
         ax.bar(x + (i - (len(labels) - 1) / 2) * width, means, width, yerr=np.nan_to_num(stds), capsize=2,
-               color=colors.get(label, "k"), label=label, error_kw={"linewidth": 0.8})
+               color=colors.get(label, "k"), label=(names or {}).get(label, label), error_kw={"linewidth": 0.8})
     ax.set_xticks(x)
     ax.set_xticklabels(classes, rotation=45 if len(classes) > 6 else 0, ha="right" if len(classes) > 6 else "center", fontsize=8)
     ax.set_ylabel("IoU (%)")
