@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "part_classes": 4,  # how many of PARTS (0..4) add a class each
     "clutter": 3,  # at most this many small background blobs per image
     "noise": 4.0,  # sensor noise sd (grey levels)
-    "hue_jitter": 0.6,  # radians around the class hue (pi: colour carries no class at all)
+    "hue_jitter": 0.3,  # radians around the class hue (pi: colour carries no class at all)
 }
 
 Rng = np.random.Generator
