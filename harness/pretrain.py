@@ -38,6 +38,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import resource
 import shutil
 import sys
@@ -253,10 +254,19 @@ def train_backbone(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train ``arch`` with a corpus head: (official-format checkpoint, stats). Resumes from
     ``workdir`` when an earlier build was interrupted."""
+    python_rng = random.getstate()  # a resumed loop restores Python's RNG too: give the caller's back
+    try:
+        with seeded(_seed(seed, arch, "init"), torch.device("cpu")):
+            return _train(arch, family, options, recipe, seed, workdir)
+    finally:
+        random.setstate(python_rng)
+
+
+def _train(arch: str, family: str, options: dict[str, Any], recipe: Recipe, seed: int, workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The body of :func:`train_backbone`, run under its seeded RNG."""
     corpus = PretrainCorpus(options)
     size = int(options["image_size"])
-    with seeded(_seed(seed, arch, "init"), torch.device("cpu")):
-        model = CLASSIFIERS[family](arch, corpus.num_classes, size)
+    model = CLASSIFIERS[family](arch, corpus.num_classes, size)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
     optimizer = torch.optim.AdamW(
@@ -267,16 +277,15 @@ def train_backbone(
     augment = CropAugment(crop=size, scale_range=recipe.scale_range)
     model.train()
     losses: list[float] = []
-    with seeded(_seed(seed, arch, "train"), torch.device("cpu")):
-        for step, batch in loop.batches(corpus, recipe.batch_size, augment, _seed(seed, "pretrain-data")):
-            set_lr(optimizer, warmup_cosine_lr(recipe.lr, step, recipe.steps, recipe.warmup))
-            targets = batch.labels.argmax(dim=1)
-            logits = model(normalize(batch.images))
-            loss = sum(F.cross_entropy(z, targets, label_smoothing=recipe.label_smoothing) for z in logits) / len(logits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+    for step, batch in loop.batches(corpus, recipe.batch_size, augment, _seed(seed, "pretrain-data")):
+        set_lr(optimizer, warmup_cosine_lr(recipe.lr, step, recipe.steps, recipe.warmup))
+        targets = batch.labels.argmax(dim=1)
+        logits = model(normalize(batch.images))
+        loss = sum(F.cross_entropy(z, targets, label_smoothing=recipe.label_smoothing) for z in logits) / len(logits)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
     stats = {"val_accuracy": held_out_accuracy(model, options, corpus.num_classes),
              "final_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
              "num_classes": corpus.num_classes, "num_images": len(corpus)}

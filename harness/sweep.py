@@ -17,7 +17,6 @@ from harness.errors import ConfigError, WsssError, suggest, unknown
 from harness.runner import ProgressFn, TrialRunner
 from harness.tracking import Tracker
 from harness.trial import STAGES, TrialDir
-from harness.pretrain import install as install_pretraining
 from harness.weights import check_sweep_weights
 from methods import load_all
 
@@ -161,7 +160,6 @@ def execute_trial(
         # directory was removed (a complete directory without a run is re-logged below).
         return TrialOutcome(spec, "skipped", run_id=finished)
     run_id = tracker.open_trial_run(spec, parent_run_id, device)
-    install_pretraining(Path(results_dir) / "cache")  # pretrained="synthetic" -> <results>/cache/pretrained
     runner = TrialRunner(spec, results_dir, device=device, progress=progress, stop_after=stop_after,
                          log_metric=lambda name, value, step: tracker.log_metric_points(run_id, [(name, value, step)]))
     try:

@@ -145,9 +145,9 @@ def test_cache_is_reused_and_recorded(tmp_path, monkeypatch):
 
 
 def test_same_seed_same_bytes(tmp_path):
-    a = _build("mit_synth", tmp_path / "a")
-    b = _build("mit_synth", tmp_path / "b")
-    c = _build("mit_synth", tmp_path / "c", seed=1)
+    a = _build("vit_synth", tmp_path / "a")
+    b = _build("vit_synth", tmp_path / "b")
+    c = _build("vit_synth", tmp_path / "c", seed=1)
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
 
@@ -162,6 +162,7 @@ print("RESULT", path, flush=True)
 """
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch: ~20 s on a busy machine
 def test_two_processes_build_once(tmp_path):
     """Both processes wait on the lock (held here first), then one trains and the other
     finds its file: one 'pretraining' line in all, the same path for both."""
@@ -202,6 +203,7 @@ def test_synthetic_needs_the_harness_builder(monkeypatch):
         registry.resolve("synthetic", "vit_synth")
 
 
+@pytest.mark.slow  # a whole (tiny) trial: ~20 s
 def test_synthetic_resolves_in_a_tiny_trial(tmp_path, monkeypatch):
     """A cam trial with pretrained=synthetic (the suite's default) builds the checkpoint
     before the trial, in <results>/cache/pretrained, and the trial loads it."""
