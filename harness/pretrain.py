@@ -65,6 +65,8 @@ from methods.common.vit import VIT_ARCHS
 
 PRETRAIN_VERSION = 1  # bump when the training code changes what a checkpoint holds
 VAL_PER_CLASS = 8  # held-out images per class for the recorded accuracy
+CHECKPOINT_EVERY_S = 60.0  # an interrupted build resumes from its last mid-build checkpoint ...
+CHECKPOINT_EVERY_STEPS = 0  # ... written this often (0: by time only)
 
 Log = Callable[[str], None]
 
@@ -272,7 +274,8 @@ def _train(arch: str, family: str, options: dict[str, Any], recipe: Recipe, seed
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr
     )
-    ctx = StageContext(torch.device("cpu"), seed, workdir, checkpoint_every_steps=0, checkpoint_every_s=60.0)
+    ctx = StageContext(torch.device("cpu"), seed, workdir, checkpoint_every_steps=CHECKPOINT_EVERY_STEPS,
+                       checkpoint_every_s=CHECKPOINT_EVERY_S)
     loop = ResumableLoop(ctx, "pretrain", {"model": model}, {"optimizer": optimizer}, recipe.steps)
     augment = CropAugment(crop=size, scale_range=recipe.scale_range)
     model.train()

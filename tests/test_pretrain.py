@@ -152,6 +152,30 @@ def test_same_seed_same_bytes(tmp_path):
     assert a.read_bytes() != c.read_bytes()
 
 
+def test_interrupted_build_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    """A build killed after 2 of 4 steps resumes from its work directory (ResumableLoop) and
+    writes the same checkpoint bytes as an uninterrupted build."""
+    recipe = Recipe(steps=4, batch_size=4, warmup=1)
+    reference = ensure_pretrained("vit_synth", tmp_path / "ref", 0, SMALL, recipe, log=lambda text: None)
+    monkeypatch.setattr(pretrain, "CHECKPOINT_EVERY_STEPS", 1)
+    real, calls = pretrain.normalize, []
+
+    def interrupted(images):
+        calls.append(1)
+        if len(calls) == 3:  # the forward pass of step 2: steps 0 and 1 are done and saved
+            raise KeyboardInterrupt
+        return real(images)
+
+    monkeypatch.setattr(pretrain, "normalize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_pretrained("vit_synth", tmp_path / "run", 0, SMALL, recipe, log=lambda text: None)
+    (work,) = (tmp_path / "run").glob(".*.work")
+    assert torch.load(work / "pretrain.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(pretrain, "normalize", real)
+    resumed = ensure_pretrained("vit_synth", tmp_path / "run", 0, SMALL, recipe, log=lambda text: None)
+    assert resumed.read_bytes() == reference.read_bytes() and not work.exists()
+
+
 _WORKER = """
 import sys
 from pathlib import Path
