@@ -89,10 +89,11 @@ def fetch_sweep_weights(specs: list[TrialSpec], methods: dict[str, type], log: C
     Errors: ConfigError with the registry's message (offline, manual source, checksum)."""
     if pretrain_cache is not None:
         install_pretraining(pretrain_cache, log=log)
-        wanted: list[tuple[str, str]] = []
+        wanted: list[tuple[str, str]] = []  # (architecture, value), each once
         for spec in specs:
-            wanted += [(arch, str(value)) for _, arch, value in weight_uses(methods[spec.method], spec.method_config)
-                       if registry.synthetic_seed(value) is not None and (arch, str(value)) not in wanted]
+            for _, arch, value in weight_uses(methods[spec.method], spec.method_config):
+                if registry.synthetic_seed(value) is not None and (arch, str(value)) not in wanted:
+                    wanted.append((arch, str(value)))
         for arch, value in wanted:
             try:
                 registry.resolve(value, arch)
