@@ -213,7 +213,8 @@ def cmd_run(args) -> int:
         return 0
 
     todo = specs if args.force else [s for s in specs if trial_state(s, results, tracker) != "finished"]
-    fetch_sweep_weights(todo, load_all(), log=lambda text: console.print(escape(text), soft_wrap=True))  # before any trial
+    fetch_sweep_weights(todo, load_all(), log=lambda text: console.print(escape(text), soft_wrap=True),
+                        pretrain_cache=results / "cache")  # before any trial
     parent = tracker.sweep_run(sweep_key(specs), f"wsss-bench run --methods {','.join(methods)} ({suite.name})")
     console.print(f"[bold]Suite[/] {suite.name}: {len(specs)} trial(s) -> {results}  (MLflow: {uri}; backend: {options.backend})")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False) as progress:

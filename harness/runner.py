@@ -23,6 +23,7 @@ from harness.datasets import create_dataset
 from harness.datasets.base import Dataset, Split
 from harness.errors import ConfigError, DataError
 from harness.evaluation import SWEEP_LIMIT, CamThresholdSweep, SegmentationMetric, default_thresholds, extend_until_interior
+from harness.pretrain import install as install_pretraining
 from harness.profiling import count_macs, count_params, measure
 from harness.trial import STAGES, StageRecord, TrialDir
 from harness.visualize import heatmap, load_label_png, save_label_png, save_rgb_png
@@ -200,6 +201,7 @@ class TrialRunner:
     def method(self) -> Method:
         if self._method is None:
             seed_everything(self.spec.seed)
+            install_pretraining(self.cache_dir)  # pretrained="synthetic" -> <cache>/pretrained
             method = build_method(self.spec, self.dataset, self.device)
             checkpoint = self.dir.latest_checkpoint()
             if checkpoint is not None:

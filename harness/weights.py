@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from harness.config import Overrides, Suite, TrialSpec
 from harness.errors import ConfigError, suggest
+from harness.pretrain import family_of
+from harness.pretrain import install as install_pretraining
 from methods.common import weights as registry
 
 
@@ -35,6 +37,9 @@ def check_sweep_weights(suite: Suite, overrides: Overrides, methods: dict[str, t
         for field, arch, value in weight_uses(cls, configs[name]):
             try:
                 source = registry.source_for(value, arch)
+                if registry.synthetic_seed(value) is not None:
+                    family_of(arch)  # an architecture the synthetic pretraining knows
+                    continue
             except registry.WeightsError as exc:
                 bad.append(f"{name}.{field}: {exc}")
                 continue
@@ -75,10 +80,25 @@ def describe_trial(spec: TrialSpec, methods: dict[str, type]) -> str:
     return "; ".join(parts) or "-"
 
 
-def fetch_sweep_weights(specs: list[TrialSpec], methods: dict[str, type], log: Callable[[str], None] = print) -> None:
+def fetch_sweep_weights(specs: list[TrialSpec], methods: dict[str, type], log: Callable[[str], None] = print,
+                        pretrain_cache: Path | None = None) -> None:
     """Download every registry checkpoint the trials need that is not cached yet, before the
-    first trial (workers on offline compute nodes then find them in the shared cache).
+    first trial (workers on offline compute nodes then find them in the shared cache). With
+    ``pretrain_cache`` (the results cache), also build every ``"synthetic"`` pretrained
+    checkpoint the trials need (``harness.pretrain``; cached, so only on first use).
     Errors: ConfigError with the registry's message (offline, manual source, checksum)."""
+    if pretrain_cache is not None:
+        install_pretraining(pretrain_cache, log=log)
+        wanted: list[tuple[str, str]] = []  # (architecture, value), each once
+        for spec in specs:
+            for _, arch, value in weight_uses(methods[spec.method], spec.method_config):
+                if registry.synthetic_seed(value) is not None and (arch, str(value)) not in wanted:
+                    wanted.append((arch, str(value)))
+        for arch, value in wanted:
+            try:
+                registry.resolve(value, arch)
+            except registry.WeightsError as exc:
+                raise ConfigError(str(exc)) from None
     seen: list[registry.WeightSource] = []
     for spec in specs:
         seen += [s for s in trial_sources(spec, methods) if s not in seen]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The synthetic suite's pretrained="synthetic" backbones: a 2-step smoke build in tests
+# (harness/pretrain.py), so a fresh results directory costs seconds, not minutes.
+os.environ.setdefault("WSSS_PRETRAIN", "tiny")
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,9 @@ Every architecture that has published ImageNet weights maps to one :class:`Weigh
 * ``"auto"`` (``"hub"``, the old WeakTr spelling, is the same): the registry's checkpoint for
   the architecture, fetched into the cache on first use;
 * a registry name (``"deit_small"``, see ``wsss-bench weights list``): that checkpoint;
+* ``"synthetic"`` (or ``"synthetic:<seed>"``): the architecture pretrained on the generated
+  classification corpus, built once by the harness (``harness.pretrain``, which installs its
+  builder with :func:`set_synthetic_builder`) and cached under the results cache;
 * anything else: a local file path (the loaders check that it exists).
 
 Cache: ``$WSSS_WEIGHTS``, else ``$XDG_CACHE_HOME/wsss-bench/weights``, else
@@ -53,6 +56,12 @@ WEIGHTS_ARCH = "weights_arch"
 
 RANDOM_INIT = ("", "none", "null")
 AUTO = ("auto", "hub")
+SYNTHETIC = "synthetic"
+
+# (architecture, pretraining seed) -> checkpoint path; installed by the harness, which owns the
+# corpus and the cache (methods never import the harness).
+SyntheticBuilder = Callable[[str, int], Path]
+_synthetic_builder: SyntheticBuilder | None = None
 
 
 class WeightsError(RuntimeError):
@@ -191,10 +200,34 @@ def is_random_init(spec: str | None) -> bool:
     return spec is None or str(spec).strip().lower() in RANDOM_INIT
 
 
+def set_synthetic_builder(builder: SyntheticBuilder | None) -> None:
+    """Install (or with None remove) what builds / finds the synthetic pretrained checkpoint
+    of an architecture: ``builder(arch, seed) -> path``."""
+    global _synthetic_builder
+    _synthetic_builder = builder
+
+
+def synthetic_seed(spec: str | None) -> int | None:
+    """The pretraining seed of a ``"synthetic"`` / ``"synthetic:<seed>"`` value (0 for the
+    bare spelling), or None for any other value. Errors: WeightsError for a seed that is not
+    a non-negative integer."""
+    if spec is None:
+        return None
+    text = str(spec).strip().lower()
+    if text == SYNTHETIC:
+        return 0
+    if not text.startswith(SYNTHETIC + ":"):
+        return None
+    seed = text[len(SYNTHETIC) + 1:]
+    if not seed.isdigit():
+        raise WeightsError(f"pretrained={spec!r}: expected 'synthetic' or 'synthetic:<seed>' with a non-negative integer seed.")
+    return int(seed)
+
+
 def source_for(spec: str | None, arch: str) -> WeightSource | None:
     """The registry entry a ``pretrained`` value names, or None for random init or a local
     path. Errors: ``auto`` for an architecture without published weights."""
-    if is_random_init(spec):
+    if is_random_init(spec) or synthetic_seed(spec) is not None:
         return None
     text = str(spec).strip()
     if text.lower() in AUTO:
@@ -231,6 +264,8 @@ def describe(spec: str | None, arch: str) -> tuple[str, str]:
     if source is None:
         if is_random_init(spec):
             return ("random init", "-")
+        if synthetic_seed(spec) is not None:
+            return (f"synthetic pretraining of {arch} (seed {synthetic_seed(spec)})", "built on first use")
         return (str(spec), "file" if Path(str(spec)).expanduser().is_file() else "no file")
     state = "cached" if is_cached(source) else ("manual" if source.kind == "manual" else "missing")
     return (f"{source.name} ({source.location})", state)
@@ -240,7 +275,16 @@ def resolve(spec: str | None, arch: str, download: bool = True) -> Path | None:
     """A ``pretrained`` value -> the checkpoint file to load, or None for random init.
 
     Registry values are fetched into the cache when missing and ``download`` (errors:
-    :class:`WeightsError`); a local path is returned as given."""
+    :class:`WeightsError`); ``"synthetic"`` goes to the installed builder (which trains the
+    checkpoint on first use, whatever ``download`` says); a local path is returned as given."""
+    seed = synthetic_seed(spec)
+    if seed is not None:
+        if _synthetic_builder is None:
+            raise WeightsError(
+                f"pretrained={spec!r} ({arch}): the synthetic pretraining is built by the harness "
+                f"(harness.pretrain.install), which has not been set up in this process."
+            )
+        return _synthetic_builder(arch, seed)
     source = source_for(spec, arch)
     if source is None:
         return None if is_random_init(spec) else Path(str(spec)).expanduser()
