@@ -58,6 +58,8 @@ def suite_file(tmp_path: Path, dataset: str, root: Path | None, train: str | Non
         lines += ["[dataset]", f'root = "{root}"']
     if train is not None:
         lines += ["[splits]", f'train = "{train}"']
+    # real data needs its weights spelled out (random init here: no download in these tests)
+    lines += ["[methods.cam]", 'pretrained = "none"', 'seg_pretrained = "none"', "[methods.afa]", 'pretrained = "none"']
     path = tmp_path / f"{dataset}-suite.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
