@@ -173,12 +173,16 @@ class TrialRunner:
         log_metric: MetricFn | None = None,
         cache_dir: Path | None = None,
         stop_after: str | None = None,
+        flush_metrics: Callable[[], None] | None = None,
     ) -> None:
         self.spec = spec
         self.dir = TrialDir(results_dir, spec)
         self.device = resolve_device(device)
         self.progress = progress or (lambda stage, done, total: None)
         self.log_metric = log_metric or (lambda name, value, step: None)
+        # Called before a stage is recorded as done: a buffered metric logger writes the
+        # stage's step metrics then, so a finished stage never lacks its loss curves.
+        self.flush_metrics = flush_metrics or (lambda: None)
         self.cache_dir = cache_dir or results_dir / "cache"
         self.stop_after = stop_after  # testing / debugging: stop cleanly after this stage
         self.eval = spec.eval
@@ -224,6 +228,7 @@ class TrialRunner:
             with measure(self.device) as cost:
                 status, metrics, curves = getattr(self, f"_stage_{stage}")()
             record = StageRecord(stage, status, cost.wall_s, cost.cpu_s, cost.peak_rss_mb, cost.peak_gpu_mb, metrics, curves)
+            self.flush_metrics()
             self.dir.mark_done(record)
             if self.stop_after == stage:
                 break

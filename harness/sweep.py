@@ -204,7 +204,8 @@ def execute_trial(
     # Per-step training losses go through a buffer written from a background thread: a
     # synchronous MLflow write per step would cost the training loop ~15 ms each.
     step_metrics = StepMetricBuffer(lambda points: tracker.log_metric_points(run_id, points))
-    runner = TrialRunner(spec, results_dir, device=device, progress=progress, stop_after=stop_after, log_metric=step_metrics.log)
+    runner = TrialRunner(spec, results_dir, device=device, progress=progress, stop_after=stop_after,
+                         log_metric=step_metrics.log, flush_metrics=step_metrics.flush)
     try:
         try:
             result = runner.run()

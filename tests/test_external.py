@@ -209,7 +209,7 @@ def test_unpickling_refuses_code(tmp_path):
     with open(path, "wb") as handle:  # an object .npy whose pickle calls a function
         np.lib.format.write_array_header_1_0(handle, {"descr": "|O", "fortran_order": False, "shape": ()})
         pickle.dump(np.array({"keys": Evil()}, dtype=object), handle)
-    with pytest.raises(ExternalFileError, match="refusing to load builtins.print"):
+    with pytest.raises(ExternalFileError, match="refusing to load .*print"):
         read_cam_file(path, 3)
 
 

@@ -50,8 +50,9 @@ class SweepResult:
         """Specs this command was meant to finish but did not: interrupted trials, and trials
         held by a live worker (not SLURM jobs this command does not wait for)."""
         out = [o.spec for o in self.outcomes if o.state not in ("finished", "skipped", "failed")]
-        if self.waits:
-            out += [spec for spec, _ in self.already_queued]
+        if self.waits:  # a queued trial waited for (SLURM --wait re-attaches) has its outcome
+            ended = {o.spec.trial_id for o in self.outcomes if o.state in ("finished", "skipped", "failed")}
+            out += [spec for spec, _ in self.already_queued if spec.trial_id not in ended]
         return out
 
     @property
