@@ -263,7 +263,8 @@ def cmd_run(args) -> int:
     if swept.disk_errors:
         console.print(f"[red]{escape(swept.disk_paragraph(results))}", soft_wrap=True)
         return 1
-    _write_reports(uri, results, [suite.name], extra_suite=suite)
+    if any(o.run_id for o in outcomes):  # else no run of this sweep is in MLflow yet: nothing to report
+        _write_reports(uri, results, [suite.name], extra_suite=suite)
     if swept.unfinished:
         console.print(f"[red]{len(swept.unfinished)} trial(s) are not finished: {escape(', '.join(s.label for s in swept.unfinished))}.", soft_wrap=True)
     return 1 if swept.failed or swept.unfinished else 0
