@@ -210,6 +210,9 @@ def cmd_run(args) -> int:
         for spec in specs:
             table.add_row(spec.trial_id, spec.method, spec.dataset, str(spec.seed), states[spec.trial_id], escape(describe_trial(spec, load_all())))
         console.print(table)
+        if any("[missing]" in describe_trial(spec, load_all()) for spec in specs):
+            console.print("Weights marked [missing] are downloaded when the run starts; on an offline machine fetch them "
+                          "first with `wsss-bench weights fetch NAMES` (see `wsss-bench weights list`).", soft_wrap=True)
         return 0
 
     todo = specs if args.force else [s for s in specs if trial_state(s, results, tracker) != "finished"]

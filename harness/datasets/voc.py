@@ -55,7 +55,8 @@ def find_voc_root(root: Path | None) -> Path:
             "(holding JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/), or set `root` in the suite's [dataset]."
         )
     if not root.is_dir():
-        raise DataError(f"VOC root {root} does not exist or is not a folder; expected VOCdevkit/VOC2012.")
+        raise DataError(f"VOC root {root} does not exist or is not a folder; expected VOCdevkit/VOC2012. "
+                        "Pass --data-root PATH (it overrides the root a suite file names, which is relative to that file).")
     for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
         if (candidate / "JPEGImages").is_dir() or (candidate / "ImageSets").is_dir():
             return candidate
