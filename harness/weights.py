@@ -103,7 +103,7 @@ def fetch_sweep_weights(specs: list[TrialSpec], methods: dict[str, type], log: C
     for spec in specs:
         seen += [s for s in trial_sources(spec, methods) if s not in seen]
     for source in seen:
-        if not registry.is_cached(source):
+        if not registry.is_cached(source) and not registry.offline():  # offline: fetch() says what is missing
             log(f"fetching pretrained weights {source.name} from {source.location} -> {registry.cached_path(source)}")
         try:
             registry.fetch(source)
