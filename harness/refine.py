@@ -31,8 +31,9 @@ import torch
 
 from harness.config import build_method_config
 from harness.errors import ConfigError, suggest
-from harness.visualize import load_label_png, save_label_png
-from methods.base import Sample, stack_samples
+from harness.datasets.base import MaskFolderSource
+from harness.visualize import save_label_png
+from methods.base import stack_samples
 from methods.common.irn import IRNConfig, build_model, irn_masks, train_irn
 from methods.common.irn.labels import confident_labels, confident_labels_crf
 from methods.common.irn.model import ARCHS
@@ -78,21 +79,6 @@ def check_refine(eval_settings: dict[str, Any]) -> None:
         irn_config(eval_settings)
 
 
-class ConfidentLabelSource:
-    """The training split with each sample's mask replaced by its confident-region label."""
-
-    def __init__(self, split: Any, labels_dir: Any) -> None:
-        self.split, self.labels_dir = split, labels_dir
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int) -> Sample:
-        sample = self.split[index]
-        sample.mask = load_label_png(self.labels_dir / f"{sample.id}.png")
-        return sample
-
-
 class IRNRefiner:
     """IRN trained on one trial's CAMs; ``pseudo_masks`` has the Method signature."""
 
@@ -109,7 +95,7 @@ class IRNRefiner:
         else:
             start = time.monotonic()
             labels_dir = self._write_labels()
-            train_irn(self.model, ConfidentLabelSource(split, labels_dir), config, self.ctx)
+            train_irn(self.model, MaskFolderSource(split, labels_dir), config, self.ctx)
             elapsed = time.monotonic() - start
             runner.dir.save_checkpoint(CHECKPOINT, {"model": self.model.state_dict(), "time_irn_s": elapsed})
         self.model.to(self.device).eval()

@@ -20,13 +20,13 @@ from harness.common_seg import CHECKPOINT as COMMON_SEG_CHECKPOINT
 from harness.common_seg import CommonSegConfig, CommonSegmenter, common_seg_config
 from harness.config import TrialSpec, build_method_config
 from harness.datasets import create_dataset
-from harness.datasets.base import Dataset, Split
+from harness.datasets.base import Dataset, MaskFolderSource, Split
 from harness.errors import ConfigError, DataError
 from harness.evaluation import SWEEP_LIMIT, CamThresholdSweep, SegmentationMetric, default_thresholds, extend_until_interior
 from harness.pretrain import install as install_pretraining
 from harness.profiling import count_macs, count_params, measure
 from harness.trial import STAGES, StageRecord, TrialDir
-from harness.visualize import heatmap, load_label_png, save_label_png, save_rgb_png
+from harness.visualize import heatmap, save_label_png, save_rgb_png
 from methods import load_all
 from methods.common.crf import dense_crf_many
 from methods.base import IGNORE_INDEX, Method, NoPrediction, Sample, StageContext, stack_samples, to_uint8_image
@@ -75,21 +75,6 @@ def build_method(spec: TrialSpec, dataset: Dataset, device: torch.device) -> Met
     cls = load_all()[spec.method]
     config = build_method_config(cls.Config, spec.method_config, f"method {spec.method}")
     return cls(config, dataset.info, device)
-
-
-class PseudoMaskSource:
-    """The training split with each sample's mask replaced by its pseudo mask (stage 4)."""
-
-    def __init__(self, split: Split, pseudo_dir: Path) -> None:
-        self.split, self.pseudo_dir = split, pseudo_dir
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int) -> Sample:
-        sample = self.split[index]
-        sample.mask = load_label_png(self.pseudo_dir / f"{sample.id}.png")
-        return sample
 
 
 @dataclass
@@ -461,7 +446,7 @@ class TrialRunner:
         method = self.method
         if method.fused_segmentation:
             return "fused", {}, {}
-        source = PseudoMaskSource(self.split("train"), self.dir.root / "pseudo")
+        source = MaskFolderSource(self.split("train"), self.dir.root / "pseudo")
         method.train_seg(source, self._context("train_seg"))
         self.dir.save_checkpoint("train_seg", method.state_dict())
         return "done", {}, {}
@@ -469,7 +454,7 @@ class TrialRunner:
     def _train_common_seg(self, config: CommonSegConfig):
         """train_seg with harness/common_seg.py: the method's state is left as it is."""
         segmenter = CommonSegmenter(config, self.dataset.info, self.device)
-        source = PseudoMaskSource(self.split("train"), self.dir.root / "pseudo")
+        source = MaskFolderSource(self.split("train"), self.dir.root / "pseudo")
         segmenter.train(source, self._context("train_seg"))
         self.dir.save_checkpoint(COMMON_SEG_CHECKPOINT, segmenter.state_dict())
         self._common_segmenter = segmenter

@@ -67,6 +67,24 @@ class Split:
         return f"Split({self.dataset}/{self.name}, {len(self)} samples)"
 
 
+class MaskFolderSource:
+    """A split with each sample's mask replaced by ``<folder>/<id>.png`` (pseudo masks for
+    stage 4, IRN's confident-region labels): a :class:`methods.base.SampleSource`."""
+
+    def __init__(self, split: Split, folder: Path) -> None:
+        self.split, self.folder = split, folder
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> Sample:
+        from harness.visualize import load_label_png
+
+        sample = self.split[index]
+        sample.mask = load_label_png(self.folder / f"{sample.id}.png")
+        return sample
+
+
 # -- validated file access -----------------------------------------------------------------
 
 

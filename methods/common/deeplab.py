@@ -107,14 +107,16 @@ class DeepLabV2(nn.Module):
 
 def load_backbone(backbone: nn.Module, path: Path) -> None:
     """Load an ImageNet ResNet checkpoint (timm/torchvision names) into the backbone, ignoring
-    the classifier ``fc``; anything else missing or unexpected is an error."""
+    the classifier ``fc`` on both sides; anything else missing or unexpected is an error.
+    Shared by the DeepLab-V2 segmenter and IRN's backbone."""
     if not path.is_file():
-        raise FileNotFoundError(f"segmenter checkpoint {path} does not exist")
+        raise FileNotFoundError(f"ResNet checkpoint {path} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
     missing, unexpected = backbone.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the ResNet: missing {missing[:5]}, unexpected {unexpected[:5]}")

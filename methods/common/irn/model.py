@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.common.deeplab import load_backbone
 from methods.common.training import normalize
 
 ARCHS = ("resnet50", "tiny")
@@ -59,7 +60,7 @@ class IRNet(nn.Module):
         super().__init__()
         self.backbone, dims = _backbone(arch)
         if pretrained:
-            load_resnet(self.backbone, Path(pretrained))
+            load_backbone(self.backbone, Path(pretrained))
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             for p in self.backbone.parameters():
@@ -100,21 +101,3 @@ class IRNet(nn.Module):
         boundary = torch.sigmoid(self.edge_out(fuse(self.edge_levels)))
         displacement = self.disp_out(fuse(self.disp_levels))
         return boundary, displacement
-
-
-def load_resnet(backbone: nn.Module, path: Path) -> None:
-    """Load an ImageNet ResNet checkpoint (torchvision / timm key names; ``fc.*`` ignored).
-
-    Raises ``FileNotFoundError`` for a missing file, ``ValueError`` when keys do not match."""
-    if not path.is_file():
-        raise FileNotFoundError(f"IRN backbone checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
-    own = {k for k in backbone.state_dict() if not k.startswith("fc.")}
-    missing, unexpected = own - set(state), set(state) - own
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the IRN ResNet: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    backbone.load_state_dict(state, strict=False)
