@@ -207,10 +207,11 @@ def cmd_run(args) -> int:
         table = Table(title=f"Trials of suite {suite.name} ({len(specs)})")
         for column in ("trial", "method", "dataset", "seed", "state", "weights"):
             table.add_column(column)
+        weights = {spec.trial_id: describe_trial(spec, load_all()) for spec in specs}
         for spec in specs:
-            table.add_row(spec.trial_id, spec.method, spec.dataset, str(spec.seed), states[spec.trial_id], escape(describe_trial(spec, load_all())))
+            table.add_row(spec.trial_id, spec.method, spec.dataset, str(spec.seed), states[spec.trial_id], escape(weights[spec.trial_id]))
         console.print(table)
-        if any("[missing]" in describe_trial(spec, load_all()) for spec in specs):
+        if any("[missing]" in cell for cell in weights.values()):
             console.print("Weights marked [missing] are downloaded when the run starts; on an offline machine fetch them "
                           "first with `wsss-bench weights fetch NAMES` (see `wsss-bench weights list`).", soft_wrap=True)
         return 0
