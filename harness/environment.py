@@ -12,7 +12,11 @@ library is not installed):
                      (bookkeeping: it stores the numbers, it does not compute them),
                      ``wsss.lib.python`` (e.g. ``3.11.7``) and, for a trial on a CUDA device,
                      ``wsss.lib.cuda`` (the CUDA version torch was built with) and
-                     ``wsss.lib.cudnn`` (cuDNN's version number, e.g. ``91200``)
+                     ``wsss.lib.cudnn`` (cuDNN's version number, e.g. ``91200``); for a
+                     trial on the CPU, ``wsss.lib.cpu_threads`` (torch's intra-op thread
+                     count: it sets how float sums are split, so the same seed and versions
+                     give other numbers with another count, e.g. AFA's synthetic CAM* on seed
+                     0 moved from 34.4 with 1 thread to 34.6 with 2)
 ``wsss.env``         :func:`env_hash` of every ``wsss.lib.*`` tag except the bookkeeping ones
                      (Python by its minor version): runs with equal hashes ran on the same
                      result-deciding versions
@@ -40,7 +44,7 @@ LIB_PREFIX = "wsss.lib."
 ENV_TAG = "wsss.env"
 ABSENT = "absent"
 # The order of the human-readable versions text (names not listed come after, sorted).
-_TEXT_ORDER: tuple[str, ...] = RESULT_LIBRARIES + ("python", "cuda", "cudnn")
+_TEXT_ORDER: tuple[str, ...] = RESULT_LIBRARIES + ("python", "cuda", "cudnn", "cpu_threads")
 
 
 def distribution_version(name: str) -> str:
@@ -75,11 +79,16 @@ def library_versions(device: str = "cpu") -> dict[str, str]:
     """Name -> version for :data:`RESULT_LIBRARIES`, :data:`BOOKKEEPING_LIBRARIES` and
     ``python``; plus ``cuda`` / ``cudnn`` when ``device`` is a CUDA device (on a CPU the
     CUDA libraries compute nothing, and torch's version string already names its build,
-    e.g. ``2.14.1+cpu`` or ``2.14.1+cu130``)."""
+    e.g. ``2.14.1+cpu`` or ``2.14.1+cu130``), else ``cpu_threads``: this process's
+    ``torch.get_num_threads()`` (call it where the trial runs, after its thread count is set)."""
     versions = {name: distribution_version(name) for name in RESULT_LIBRARIES + BOOKKEEPING_LIBRARIES}
     versions["python"] = platform.python_version()
     if device.startswith("cuda"):
         versions.update(cuda_versions())
+    else:
+        import torch
+
+        versions["cpu_threads"] = str(torch.get_num_threads())
     return versions
 
 

@@ -51,6 +51,22 @@ def test_cuda_device_records_cuda_and_cudnn_in_the_hash(monkeypatch):
     assert gpu[ENV_TAG] != cpu[ENV_TAG]
 
 
+def test_cpu_thread_count_is_recorded_and_hashed():
+    # Another intra-op thread count splits float sums differently: other numbers, another env.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = environment_tags("cpu")
+        torch.set_num_threads(2)
+        two = environment_tags("cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert (one[LIB_PREFIX + "cpu_threads"], two[LIB_PREFIX + "cpu_threads"]) == ("1", "2")
+    assert one[ENV_TAG] != two[ENV_TAG]
+    assert LIB_PREFIX + "cpu_threads" not in environment_tags("cuda:0")  # a GPU trial's sums run on the GPU
+    assert versions_text(two).endswith("cpu_threads 2")
+
+
 def test_missing_distribution_is_absent():
     assert environment.distribution_version("no-such-distribution-wsss") == ABSENT
 
