@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml $(LOCK)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/wsss-bench run --methods $(DEMO_METHODS) --dataset synthetic --seeds 0
+	$(BIN)/wsss-bench run --methods $(DEMO_METHODS) --dataset synthetic --seeds 0 --max-parallel 2 --cpus-per-trial 1
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
