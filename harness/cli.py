@@ -175,7 +175,7 @@ def cmd_run(args) -> int:
     from harness.config import default_suite, expand_data_root, load_suite, parse_overrides
     from harness.datasets.preflight import preflight
     from harness.sweep import plan_trials, sweep_key, trial_state
-    from harness.tracking import Tracker
+    from harness.tracking import Tracker, tracker_for_reading
 
     if not args.suite and not args.dataset:
         raise ConfigError("Pass --dataset NAME (e.g. synthetic, voc, coco) or --suite NAME|FILE.")
@@ -200,10 +200,8 @@ def cmd_run(args) -> int:
     # Before anything is recorded: canonical data root, split fallbacks, cheap data checks.
     specs = preflight(specs, results / "cache", notice=lambda text: console.print(f"[yellow]{escape(text)}", soft_wrap=True))
     uri = _tracking_uri(args, results)
-    tracker = Tracker(uri, suite.name)
-
     if args.dry_run:
-        states = dry_run_states(specs, results, tracker, args.reuse_older_code)
+        states = dry_run_states(specs, results, tracker_for_reading(uri, suite.name), args.reuse_older_code)
         table = Table(title=f"Trials of suite {suite.name} ({len(specs)})")
         for column in ("trial", "method", "dataset", "seed", "state", "weights"):
             table.add_column(column)
@@ -216,6 +214,7 @@ def cmd_run(args) -> int:
                           "first with `wsss-bench weights fetch NAMES` (see `wsss-bench weights list`).", soft_wrap=True)
         return 0
 
+    tracker = Tracker(uri, suite.name)
     todo = specs if args.force else [s for s in specs if trial_state(s, results, tracker) != "finished"]
     fetch_sweep_weights(todo, load_all(), log=lambda text: console.print(escape(text), soft_wrap=True),
                         pretrain_cache=results / "cache")  # before any trial

@@ -9,7 +9,7 @@ import hashlib
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from harness.common_seg import common_seg_config
 from harness.config import EvalConfig, Overrides, Suite, TrialSpec, build_method_config, check_eval_config, coerce
@@ -53,7 +53,7 @@ def plan_trials(
     check_refine(eval_values)  # ... and one in eval.refine / eval.irn
     configs = {name: _method_config(name, registry[name], suite, overrides) for name in methods}
     configs = {name: _check_inputs(name, registry[name], config, dataset, suite, eval_values) for name, config in configs.items()}
-    _check_shared_overrides(overrides, registry, methods)
+    _check_shared_overrides(overrides, registry, methods, options)
     check_sweep_weights(suite, overrides, {m: registry[m] for m in methods}, configs, real_data=root is not None)
     specs = []
     for seed in seeds if seeds is not None else suite.seeds:
@@ -122,11 +122,20 @@ def _check_inputs(name: str, cls: type, config: dict[str, Any], dataset, suite: 
     return checked.to_dict()
 
 
-def _check_shared_overrides(overrides: Overrides, registry: dict, methods: list[str]) -> None:
+def _check_shared_overrides(overrides: Overrides, registry: dict, methods: list[str], dataset_options: Iterable[str]) -> None:
+    """A bare ``key=value`` must name a field of a selected method. When it does not, the
+    hint names the ``dataset.`` / ``eval.`` option it is (or is closest to), never one that
+    does not exist."""
     every = set().union(*({f.name for f in dataclasses.fields(registry[m].Config)} for m in methods))
+    scoped = [f"dataset.{k}" for k in dataset_options] + [f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)]
     for key in overrides.shared:
-        if key not in every:
-            raise ConfigError(f"Override `{key}` is not a field of any selected method ({', '.join(methods)}).{suggest(key, every)} Use `dataset.{key}=` or `eval.{key}=` for dataset / evaluation options.")
+        if key in every:
+            continue
+        exact = [name for name in scoped if name.split(".", 1)[1] == key]
+        hint = f" Did you mean `{exact[0]}={overrides.shared[key]}`?" if exact else suggest(key, sorted(every) + scoped)
+        raise ConfigError(f"Override `{key}` is not a field of any selected method ({', '.join(methods)}).{hint} "
+                          "A bare key=value sets a method hyper-parameter; dataset and evaluation options take the "
+                          "`dataset.` / `eval.` prefix (`wsss-bench list` shows the dataset options).")
 
 
 def sweep_key(specs: list[TrialSpec]) -> str:

@@ -247,6 +247,27 @@ def flatten(prefix: str, values: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+class EmptyStore:
+    """What a tracking store that does not exist yet answers (no runs): ``--dry-run`` reads
+    trial states through it instead of creating the store."""
+
+    def finished_run(self, trial_id: str, code_tree: str | None = None) -> str | None:
+        return None
+
+    def trial_status(self, trial_id: str) -> str | None:
+        return None
+
+
+def tracker_for_reading(uri: str, suite: str) -> "Tracker | EmptyStore":
+    """A :class:`Tracker` on ``uri``, or an :class:`EmptyStore` when ``uri`` is a SQLite
+    store whose file does not exist (reading must not create it)."""
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():
+        check_tracking_uri(uri)  # a bad URI is still an error
+        return EmptyStore()
+    return Tracker(uri, suite)
+
+
 class Tracker:
     """One suite's experiment in one tracking store."""
 

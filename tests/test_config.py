@@ -58,6 +58,9 @@ def test_override_values_are_typed(tmp_path):
         (dict(overrides=Overrides(dataset={"num_trian": "3"})), 'Did you mean "num_train"?'),
         (dict(overrides=Overrides(dataset=dict(TINY), eval={"crff": "1"})), 'Did you mean "crf"?'),
         (dict(overrides=Overrides(dataset=dict(TINY), shared={"epochs": "three"})), "expected an integer, got 'three'"),
+        # a bare key that is a dataset / eval option: the prefixed override it meant
+        (dict(overrides=Overrides(dataset=dict(TINY), shared={"max_val": "3"})), "Did you mean `eval.max_val=3`?"),
+        (dict(overrides=Overrides(dataset=dict(TINY), shared={"num_trian": "3"})), 'Did you mean "dataset.num_train"?'),
         (dict(overrides=Overrides(dataset=dict(TINY), methods={"afx": {"lr": "1"}})), "Override scope `afx.`"),
     ],
 )
@@ -65,6 +68,12 @@ def test_bad_names_and_values_get_a_clear_message(tmp_path, kwargs, message):
     with pytest.raises(ConfigError) as info:
         _plan(tmp_path, **kwargs)
     assert message in str(info.value)
+
+
+def test_bare_unknown_override_suggests_no_option_that_does_not_exist(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        _plan(tmp_path, overrides=Overrides(dataset=dict(TINY), shared={"foo": "1"}))
+    assert "Did you mean" not in str(info.value) and "dataset.foo" not in str(info.value)
 
 
 def test_unknown_suite_and_bad_suite_file(tmp_path):

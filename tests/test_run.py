@@ -94,6 +94,12 @@ def test_dry_run_shows_states(finished, capsys):
     assert "finished" in out and "new" in out
 
 
+def test_dry_run_on_a_new_results_dir_creates_no_store(tmp_path, capsys):
+    assert _run(tmp_path, "--dry-run") == 0
+    assert "new" in capsys.readouterr().out
+    assert not (tmp_path / "mlflow.db").exists()  # looking must not create the MLflow store
+
+
 def test_same_seed_same_metrics(finished, tmp_path, capsys):
     assert _run(tmp_path) == 0
     a, b = _runs(finished)[0].data.metrics, _runs(tmp_path)[0].data.metrics
