@@ -14,7 +14,8 @@ The method's own networks are untouched. Metrics added to the stage: ``time_irn_
 seconds of steps 1-2, kept across resumes; the random walk itself is in
 ``time_pseudo_masks_s``) and ``params_irn``. IRN's settings are ``eval.irn``: a suite's
 ``[eval.irn]`` table or ``eval.irn=key=value,key=value`` on the command line, fields of
-:class:`methods.common.irn.config.IRNConfig`.
+:class:`methods.common.irn.config.IRNConfig`. ``<method>.refine`` / ``<method>.irn`` (override or
+``[methods.<method>]`` key) set them for one method's trials (``harness.sweep.PER_METHOD_EVAL``).
 
 The runner hands itself in (``pseudo_mask_refiner(runner, split)``) and this module uses its
 ``eval``, ``dir``, ``device``, ``method``, ``_context`` and ``_load_cams``.

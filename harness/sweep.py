@@ -52,7 +52,8 @@ def plan_trials(
 
     check_refine(eval_values)  # ... and one in eval.refine / eval.irn
     configs = {name: _method_config(name, registry[name], suite, overrides) for name in methods}
-    configs = {name: _check_inputs(name, registry[name], config, dataset, suite, eval_values) for name, config in configs.items()}
+    evals = {name: _method_eval(name, suite, overrides, eval_values) for name in methods}
+    configs = {name: _check_inputs(name, registry[name], config, dataset, suite, evals[name]) for name, config in configs.items()}
     _check_shared_overrides(overrides, registry, methods, options)
     check_sweep_weights(suite, overrides, {m: registry[m] for m in methods}, configs, real_data=root is not None)
     specs = []
@@ -67,7 +68,7 @@ def plan_trials(
                     data_root=str(Path(root).resolve()) if root else None,
                     dataset_options=options,
                     splits=dict(suite.splits),
-                    eval=eval_values,
+                    eval=evals[name],
                     seed=int(seed),
                 )
             )
@@ -96,13 +97,38 @@ def _eval_config(suite: Suite, overrides: Overrides) -> EvalConfig:
     return check_eval_config(config, "eval options")
 
 
+# Evaluation settings that a `[methods.<name>]` table or a `<name>.key=value` override may set
+# for one method (e.g. `adcam.refine=irn`): harness stages run on the method's outputs, not its
+# hyper-parameters, so they go to that method's trials' eval settings. No method's Config may
+# have a field of these names (tests/test_config.py checks the registry).
+PER_METHOD_EVAL: tuple[str, ...] = ("refine", "irn")
+
+
 def _method_config(name: str, cls: type, suite: Suite, overrides: Overrides) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    values = dict(suite.method_params.get(name, {}))
+    values = {k: v for k, v in suite.method_params.get(name, {}).items() if k not in PER_METHOD_EVAL}
     values.update({k: v for k, v in overrides.shared.items() if k in fields})
-    values.update(overrides.methods.get(name, {}))
+    values.update({k: v for k, v in overrides.methods.get(name, {}).items() if k not in PER_METHOD_EVAL})
     config = build_method_config(cls.Config, values, f"method `{name}`")
     return config.to_dict()
+
+
+def _method_eval(name: str, suite: Suite, overrides: Overrides, eval_values: dict[str, Any]) -> dict[str, Any]:
+    """The eval settings of method ``name``'s trials: the sweep's, with the method's own
+    ``refine`` / ``irn`` (:data:`PER_METHOD_EVAL`) when its table or overrides set them
+    (checked as ``eval.refine`` / ``eval.irn`` are)."""
+    values = {**suite.method_params.get(name, {}), **overrides.methods.get(name, {})}
+    own = {k: v for k, v in values.items() if k in PER_METHOD_EVAL}
+    if not own:
+        return eval_values
+    from harness.refine import check_refine
+
+    fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
+    values = dict(eval_values)
+    for key, value in own.items():
+        values[key] = coerce(value, fields[key].type, f"method `{name}` `{key}`")
+    check_refine(values)
+    return values
 
 
 def _check_inputs(name: str, cls: type, config: dict[str, Any], dataset, suite: Suite, eval_values: dict[str, Any]) -> dict[str, Any]:

@@ -140,3 +140,28 @@ def test_data_root_is_expanded_once_where_it_enters(tmp_path, monkeypatch):
     assert load_suite(str(suite)).data_root == str(tmp_path / "home" / "VOC2012")
     suite.write_text('[suite]\ndataset = "voc"\n[dataset]\nroot = "../VOC2012"\n')
     assert load_suite(str(suite)).data_root == str(tmp_path / "VOC2012")
+
+
+def test_refine_can_be_chosen_per_method(tmp_path):
+    # `cam.refine=irn`: IRN for cam's pseudo masks only; the other method keeps its own.
+    overrides = Overrides(dataset=dict(TINY), methods={"cam": {"refine": "irn", "irn": "epochs=1"}})
+    specs = {s.method: s for s in _plan(tmp_path, methods=("cam", "weaktr"), overrides=overrides)}
+    assert specs["cam"].eval["refine"] == "irn" and specs["cam"].eval["irn"] == "epochs=1"
+    assert specs["weaktr"].eval["refine"] == "none"
+    assert "refine" not in specs["cam"].method_config  # an eval setting, not a hyper-parameter
+    plain = {s.method: s for s in _plan(tmp_path, methods=("cam", "weaktr"))}
+    assert specs["weaktr"].trial_id == plain["weaktr"].trial_id != plain["cam"].trial_id != specs["cam"].trial_id
+    suite_file = tmp_path / "suite.toml"  # the same from a suite's method table
+    suite_file.write_text('[suite]\ndataset = "synthetic"\n[methods.cam]\nrefine = "irn"\n')
+    spec = plan_trials(load_suite(str(suite_file)), ["cam"], [0], Overrides(dataset=dict(TINY)), None, tmp_path / "cache")[0]
+    assert spec.eval["refine"] == "irn"
+
+
+def test_per_method_refine_is_checked_and_no_method_field_shadows_it(tmp_path):
+    with pytest.raises(ConfigError, match='Did you mean "irn"'):
+        _plan(tmp_path, overrides=Overrides(dataset=dict(TINY), methods={"cam": {"refine": "irm"}}))
+    from harness.sweep import PER_METHOD_EVAL
+    import dataclasses
+
+    for name, cls in load_all().items():
+        assert not {f.name for f in dataclasses.fields(cls.Config)} & set(PER_METHOD_EVAL), name
