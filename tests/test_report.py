@@ -388,6 +388,27 @@ def test_runs_group_by_code_tree_not_by_commit(tmp_path):
     assert len(edge) == 1 and "zeta [aaf=false]" in edge[0] and "seed(s) 0;" in edge[0]
 
 
+def test_oracle_threshold_of_one_is_named_all_background_not_past_the_range(tmp_path):
+    """A sweep widened to 1.0 whose best threshold is 1.0 has no range left to raise: the
+    warning says the CAMs do no better than all background."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("wsss-bench/edge", artifact_location=(tmp_path / "art").as_uri())
+    for seed, best in ((0, 1.0), (1, 0.7)):
+        tags = {"wsss.trial_id": f"t{seed}", "wsss.method": "zeta", "wsss.dataset": "synthetic", "wsss.suite": "edge",
+                "wsss.seed": str(seed), "wsss.status": "finished", "wsss.code_tree": "t1"}
+        rid = client.create_run(exp, tags=tags).info.run_id
+        client.log_metric(rid, "val_miou_ss", 10.0)
+        client.log_metric(rid, "cam_best_threshold", best)
+        client.log_metric(rid, "cam_threshold_stop", best)
+        client.set_terminated(rid)
+    warnings = report.build_leaderboard(report.fetch_runs(uri), {}).warnings
+    assert [w for w in warnings if "upper end" in w and "seed(s) 1;" in w]
+    assert [w for w in warnings if "is 1.00 for seed(s) 0:" in w and "all-background" in w]
+
+
 def test_runs_on_different_library_versions_are_separate_rows_naming_them(tmp_path):
     """Same code tree and seeds, two torch versions (tag ``wsss.env``): two rows, never one mean,
     each naming its versions (a newer torch changes the numbers; issue 17 item 13)."""

@@ -278,10 +278,16 @@ def build_leaderboard(
         row_keys.append(key)
         per_class_rows += _per_class(done, row)
         at_edge = _oracle_threshold_at_sweep_end(done)
-        if at_edge:
+        all_background = [seed for seed in at_edge if _best_threshold(done, seed) >= 1.0 - 1e-9]
+        past = [seed for seed in at_edge if seed not in all_background]
+        if past:
             warnings.append(f"{suite}/{dataset}: **{label}**: the oracle CAM threshold is the sweep's upper end for seed(s) "
-                            f"{' '.join(map(str, at_edge))}; its CAM* may lie past the range (the sweep widens itself up to 1.00 since "
+                            f"{' '.join(map(str, past))}; its CAM* may lie past the range (the sweep widens itself up to 1.00 since "
                             "the cam_threshold_stop metric exists; older runs: raise eval.threshold_stop).")
+        if all_background:
+            warnings.append(f"{suite}/{dataset}: **{label}**: the oracle CAM threshold is 1.00 for seed(s) "
+                            f"{' '.join(map(str, all_background))}: every pixel background scores best, so its CAMs do no better "
+                            "than the all-background baseline at any threshold.")
         if missing and seeds:
             failed_seeds = sorted(int(s) for s in failed_here["seed"])
             note = f" (failed or unfinished: {' '.join(map(str, failed_seeds))})" if failed_seeds else ""
@@ -361,6 +367,12 @@ def _oracle_threshold_at_sweep_end(done: pd.DataFrame) -> list[int]:
         if stop is not None and not pd.isna(best) and abs(float(best) - float(stop)) < 1e-9:
             seeds.append(int(run["seed"]))
     return sorted(seeds)
+
+
+def _best_threshold(done: pd.DataFrame, seed: int) -> float:
+    """The oracle CAM threshold of ``seed``'s run in ``done`` (NaN when not recorded)."""
+    best = done.loc[done["seed"].astype(int) == seed, "cam_best_threshold"]
+    return float(best.iloc[0]) if len(best) else math.nan
 
 
 def _display_uri(uri: str) -> str:
