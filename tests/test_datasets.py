@@ -288,6 +288,26 @@ def test_voc_label_sources_and_precedence(small_voc: tuple[Path, list[str]], tmp
         create_dataset("voc", root, tmp_path, {"labels": "annotations"}).split("train")[2]
 
 
+def test_voc_without_masks_reads_no_mask_where_labels_come_from_a_file(small_voc: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """A mask-free loop's split: same images and labels; no mask for ids with a label file
+    (cls_labels.npy or XML), the mask (for its labels) for the others."""
+    root, (a, b, c) = small_voc
+    np.save(root / "cls_labels.npy", {a: one_hot("dog")})  # type: ignore[arg-type]
+    write_xml(root / "Annotations" / f"{b}.xml", ["horse"])
+    split = create_dataset("voc", root, tmp_path, {}).split("train")
+    free = split.without_masks()
+    for full, light in zip(split, free):
+        assert np.array_equal(full.image, light.image) and np.array_equal(full.labels, light.labels)
+    assert [light.mask is None for light in free] == [True, True, False]
+    (root / "SegmentationClass" / f"{a}.png").write_bytes(b"not a png")  # never opened without masks
+    assert free[0].mask is None
+    with pytest.raises(DataError, match=f"{a}"):
+        split[0]
+    forced = create_dataset("voc", root, tmp_path, {"labels": "masks"}).split("train").without_masks()
+    with pytest.raises(DataError, match=f"{a}"):
+        forced[0]  # labels from masks: the mask is read (and checked) even here
+
+
 def test_voc_train_aug_is_the_training_role(small_voc: tuple[Path, list[str]], tmp_path: Path) -> None:
     root, ids = small_voc
     lines = [f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png" for i in ids]

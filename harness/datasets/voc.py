@@ -194,14 +194,19 @@ class VOCDataset(Dataset):
     def _make_split(self, name: str) -> Split:
         path = self.list_path(name)
         reader = partial(self._read, require_mask=name != "train_aug")
-        return Split(self.name, name, read_id_list(path), reader, str(path))
+        mask_free = partial(self._read, require_mask=name != "train_aug", with_mask=False)
+        return Split(self.name, name, read_id_list(path), reader, str(path), mask_free_reader=mask_free)
 
     # -- reading one sample ----------------------------------------------------------------
 
-    def _read(self, sample_id: str, require_mask: bool = True) -> Sample:
+    def _read(self, sample_id: str, require_mask: bool = True, with_mask: bool = True) -> Sample:
         """Image, labels and mask of one id. The official segmentation lists (train, val)
-        must have a mask (it is the evaluation GT); train_aug ids may lack one."""
+        must have a mask (it is the evaluation GT); train_aug ids may lack one. Without
+        ``with_mask`` (``Split.without_masks``), an id whose labels come from cls_labels.npy or
+        its XML is read without its mask (``mask`` None); the others still read it for the labels."""
         image = read_image(self.voc_root / "JPEGImages" / f"{sample_id}.jpg")
+        if not with_mask and self._has_labels_without_mask(sample_id):
+            return Sample(sample_id, image, self._labels(sample_id, None), None)
         mask, counts = self._read_mask(sample_id, image.shape)
         if mask is None and require_mask:
             raise DataError(

@@ -81,6 +81,8 @@ class AugmentedSamples(Dataset):
     index to the worker (no worker state to keep in sync)."""
 
     def __init__(self, source: SampleSource, augment: Augment, seed: int, with_masks: bool) -> None:
+        if not with_masks and hasattr(source, "without_masks"):
+            source = source.without_masks()  # e.g. VOC with label files: no mask PNG decoded per sample
         self.source, self.augment, self.seed, self.with_masks = source, augment, seed, with_masks
 
     def __len__(self) -> int:
