@@ -174,7 +174,7 @@ def _split_list(text: str | None, what: str) -> list[str]:
 def cmd_run(args) -> int:
     from harness.config import default_suite, expand_data_root, load_suite, parse_overrides
     from harness.datasets.preflight import preflight
-    from harness.sweep import plan_trials, sweep_key, trial_state
+    from harness.sweep import partial_shared_overrides, plan_trials, sweep_key, trial_state
     from harness.tracking import Tracker, tracker_for_reading
 
     if not args.suite and not args.dataset:
@@ -197,6 +197,8 @@ def cmd_run(args) -> int:
     options = BackendOptions.from_args(args)  # bad backend options fail before anything runs
     overrides = parse_overrides(args.overrides)
     specs = plan_trials(suite, methods, seeds, overrides, expand_data_root(args.data_root), results / "cache")
+    for notice in partial_shared_overrides(overrides, methods):
+        console.print(f"[yellow]{escape(notice)}", soft_wrap=True)
     # Before anything is recorded: canonical data root, split fallbacks, cheap data checks.
     specs = preflight(specs, results / "cache", notice=lambda text: console.print(f"[yellow]{escape(text)}", soft_wrap=True))
     uri = _tracking_uri(args, results)

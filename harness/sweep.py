@@ -164,6 +164,22 @@ def _check_shared_overrides(overrides: Overrides, registry: dict, methods: list[
                           "`dataset.` / `eval.` prefix (`wsss-bench list` shows the dataset options).")
 
 
+def partial_shared_overrides(overrides: Overrides, methods: list[str]) -> list[str]:
+    """One notice per bare ``key=value`` that only some selected methods have (the others keep
+    their value, and their trial ids, silently otherwise), e.g. "`epochs=2` sets `epochs` of
+    adcam; weaktr, afa have no such field and are left as they are." """
+    registry = load_all()
+    notices = []
+    for key, value in overrides.shared.items():
+        has = [m for m in methods if key in {f.name for f in dataclasses.fields(registry[m].Config)}]
+        lacks = [m for m in methods if m not in has]
+        if has and lacks:
+            notices.append(f"`{key}={value}` sets `{key}` of {', '.join(has)}; {', '.join(lacks)} "
+                           f"{'has' if len(lacks) == 1 else 'have'} no such field and {'is' if len(lacks) == 1 else 'are'} left as "
+                           f"{'it is' if len(lacks) == 1 else 'they are'} (use `<method>.{key}=` to aim at one method).")
+    return notices
+
+
 def sweep_key(specs: list[TrialSpec]) -> str:
     """Order-free identity of a sweep: the same trials give the same parent run."""
     return hashlib.sha256(",".join(sorted(s.trial_id for s in specs)).encode()).hexdigest()[:16]

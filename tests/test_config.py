@@ -165,3 +165,14 @@ def test_per_method_refine_is_checked_and_no_method_field_shadows_it(tmp_path):
 
     for name, cls in load_all().items():
         assert not {f.name for f in dataclasses.fields(cls.Config)} & set(PER_METHOD_EVAL), name
+
+
+def test_a_bare_override_only_some_methods_have_is_announced():
+    from harness.sweep import partial_shared_overrides
+
+    notices = partial_shared_overrides(Overrides(shared={"epochs": "2", "crop": "64"}), ["weaktr", "afa", "adcam"])
+    assert notices == ["`epochs=2` sets `epochs` of adcam; weaktr, afa have no such field and are left as they are "
+                       "(use `<method>.epochs=` to aim at one method).",
+                       "`crop=64` sets `crop` of afa, adcam; weaktr has no such field and is left as it is "
+                       "(use `<method>.crop=` to aim at one method)."]
+    assert partial_shared_overrides(Overrides(shared={"epochs": "2"}), ["adcam"]) == []

@@ -436,3 +436,23 @@ def test_runs_on_different_library_versions_are_separate_rows_naming_them(tmp_pa
     md = report.to_markdown(board)
     assert "- afa env:aaaaaaaa: torch 2.4.0, numpy 1.26.4 (env `aaaaaaaaaaaa`)" in md
     assert "- afa env:bbbbbbbb: torch 2.14.1+cu130, numpy 1.26.4 (env `bbbbbbbbbbbb`)" in md
+
+
+def test_irn_rows_say_plus_irn_even_without_a_variant(tmp_path):
+    """eval.refine=irn changes what the mask column measures: the row says "+IRN" whether or
+    not the method has other configurations in the report."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("wsss-bench/irn", artifact_location=(tmp_path / "art").as_uri())
+    for method, refine in (("zeta", "irn"), ("eta", "irn"), ("eta", "none")):
+        tags = {"wsss.trial_id": f"{method}-{refine}", "wsss.method": method, "wsss.dataset": "synthetic", "wsss.suite": "irn",
+                "wsss.seed": "0", "wsss.status": "finished", "wsss.code_tree": "t1"}
+        rid = client.create_run(exp, tags=tags).info.run_id
+        client.log_param(rid, "eval.refine", refine)
+        client.log_metric(rid, "mask_miou", 10.0)
+        client.set_terminated(rid)
+    board = report.build_leaderboard(report.fetch_runs(uri), {})
+    assert sorted(board.table["label"]) == ["eta [refine=irn] +IRN", "eta [refine=none]", "zeta +IRN"]
+    assert sorted(board.table["tag"]) == ["eta·v1 +IRN", "eta·v2", "zeta +IRN"]

@@ -144,6 +144,17 @@ def _label(method: str, variant: str, version: str, mixed: bool) -> str:
     return text
 
 
+def _pipeline_suffix(config: str) -> str:
+    """`` +IRN`` for a run whose pseudo masks came from the shared IRN stage
+    (``eval.refine = irn``), as the literature writes "+IRN": a reader must see it even where
+    the method has no other configuration (no variant tag); '' otherwise."""
+    try:
+        refine = json.loads(config).get("eval.refine", "none")
+    except (TypeError, ValueError):
+        return ""
+    return " +IRN" if str(refine).lower() == "irn" else ""
+
+
 def _device_kind(hardware: str) -> str:
     return "cpu" if not hardware or hardware.startswith("cpu") else "gpu"
 
@@ -194,7 +205,8 @@ def build_leaderboard(
     family = ["suite", "dataset", "method", "variant"]
     versions = runs.groupby(family)["code_version"].agg(lambda s: set(s))
     runs["code_flag"] = [_code_flag(versions[tuple(r[k] for k in family)], r["code_version"]) for _, r in runs.iterrows()]
-    runs["label"] = [_label(r["method"], r["variant"], r["code_version"], r["code_flag"] == "mixed") for _, r in runs.iterrows()]
+    runs["label"] = [_label(r["method"], r["variant"], r["code_version"], r["code_flag"] == "mixed") + _pipeline_suffix(r["config"])
+                     for _, r in runs.iterrows()]
     for key, vs in versions.items():
         if len(vs) > 1:
             name = _label(key[2], key[3], "", False)
