@@ -100,3 +100,13 @@ def test_baselines_are_skipped_with_a_reason_when_the_data_is_not_here(tmp_path)
     frame, notes = compute_baselines(runs, tmp_path / "cache")
     assert frame.empty
     assert notes == [f"voc-mini/voc: no baseline rows: the runs' data root {tmp_path / 'no-such-VOC2012'} is not on this machine."]
+
+
+def test_a_headline_mean_at_or_below_all_background_is_marked():
+    # val SS means: weaktr·v1 52.0, weaktr·v2 41.3, afa 30.5; all-background val mIoU 41.3
+    base = pd.DataFrame([{"suite": "s", "dataset": "d", "baseline": "all background", "cam_eval_split": "train", "n_cam_eval": 4,
+                          "cam_eval_miou": 15.0, "val_split": "val", "n_val": 3, "val_miou": 41.3}])
+    md = to_markdown(build_leaderboard(_runs(), baselines=base))
+    assert "| weaktr·v1 | 3/3 | 52.0 ± 2.0 |" in md  # above: unmarked
+    assert "| weaktr·v2 | 3/3 | 41.3 ± 1.5 ▾ |" in md and "| afa | 3/3 | 30.5 ± 0.5 ▾ |" in md
+    assert "▾ = a mean at or below the all-background baseline." in md

@@ -153,14 +153,22 @@ def _tags(board: Leaderboard) -> dict[str, str]:
     return {label: (tag if isinstance(tag, str) and tag else label) for label, tag in zip(board.table["label"], board.table["tag"])}
 
 
-def _headline_cell(row: pd.Series, metric: str) -> tuple[str, str] | str:
-    """'62.0 ± 2.0' with '95% CI [57.0, 67.0], n=3' as the hover title ('45.0 (n=1)': no CI)."""
+BELOW_BASELINE = "▾"  # a headline mean at or below the all-background baseline
+
+
+def _headline_cell(row: pd.Series, metric: str, background: float = math.nan) -> tuple[str, str] | str:
+    """'62.0 ± 2.0' with '95% CI [57.0, 67.0], n=3' as the hover title ('45.0 (n=1)': no CI);
+    a mean at or below ``background`` (the all-background baseline on the same images) gets
+    :data:`BELOW_BASELINE`, so a reader sees at once what does not beat trivial."""
     text = fmt_stat(row, metric, ci=False)
     if text == "-":
         return text
     n = int(row.get(f"{metric}_n", 0) or 0)
     low, high = row.get(f"{metric}_ci_low", math.nan), row.get(f"{metric}_ci_high", math.nan)
     title = f"95% CI [{low:.1f}, {high:.1f}], n={n}" if not pd.isna(low) else f"n={n}: no std or CI"
+    mean = row.get(f"{metric}_mean", math.nan)
+    if not pd.isna(background) and not pd.isna(mean) and round(float(mean), 1) <= round(float(background), 1):
+        text, title = f"{text} {BELOW_BASELINE}", f"{title}; at or below the all-background baseline ({background:.1f})"
     return (text, title)
 
 
@@ -212,14 +220,17 @@ def _headline_blocks(board: Leaderboard, suite: str, dataset: str, plots: dict[s
     head = ["rank" + (f" ({SHORT_TITLES[primary]})" if primary else ""), "method", "n"] + [SHORT_TITLES[m] for m in metrics]
     head += ["device time"] + ([f"published {SHORT_TITLES[published]} (Δ)"] if published else [])
     rows: list[list[Any]] = []
+    base = _section(board.baselines, suite, dataset)
+    background = base[base["baseline"] == "all background"] if not base.empty else base
+    floor = {m: float(background[BASELINE_SOURCE[m]].iloc[0]) if len(background) and BASELINE_SOURCE[m] in background else math.nan
+             for m in metrics}
     for _, r in _ordered(sub, primary).iterrows():
         expected = r["n_seeds"] + (len(str(r["missing_seeds"]).split()) if r["missing_seeds"] else 0)
         cells: list[Any] = [fmt_rank(r, primary, board.table) if primary else "-", _tag(r) + _flag(r), f"{r['n_seeds']}/{expected}"]
-        cells += [_headline_cell(r, m) for m in metrics] + [_device_cell(r)]
+        cells += [_headline_cell(r, m, floor[m]) for m in metrics] + [_device_cell(r)]
         if published:
             cells.append(_published_cell(r, published))
         rows.append(cells)
-    base = _section(board.baselines, suite, dataset)
     for _, b in base.iterrows():
         where = f"{b['cam_eval_split']} ({b['n_cam_eval']} images) / {b['val_split']} ({b['n_val']} images)"
         cells = ["", f"baseline: {b['baseline']}", "-"]
@@ -234,7 +245,8 @@ def _headline_blocks(board: Leaderboard, suite: str, dataset: str, plots: dict[s
     if not base.empty:
         out.append(("p", "Baselines: *all background* labels every pixel background; *image label everywhere* labels every pixel "
                          "with the image's present class (the first in class order when several): what image labels give with no "
-                         "localisation at all. CAM / mask columns: on the cam-eval images; val columns: on the val images."))
+                         "localisation at all. CAM / mask columns: on the cam-eval images; val columns: on the val images. "
+                         f"{BELOW_BASELINE} = a mean at or below the all-background baseline."))
     cost = [title for title in plots if title.startswith(f"{suite}/{dataset}:") and title.endswith(COST_PLOT_SUFFIX)]
     out += [("img", title, title) for title in cost]
     return out

@@ -165,7 +165,8 @@ def _protocol_text(config: dict[str, str]) -> str:
 
     parts = [
         f"averaging={get('eval.convention', 'present')}",
-        f"CAM threshold sweep {get('eval.threshold_start')}..{get('eval.threshold_stop')} step {get('eval.threshold_step')}",
+        f"CAM threshold sweep {get('eval.threshold_start')}..{get('eval.threshold_stop')} step {get('eval.threshold_step')}"
+        " (widened by 0.1, up to 1.0, while the best threshold is at its end)",
         f"fixed t=the method's own, else {get('eval.fixed_threshold')}",
     ]
     splits = {k.split('.', 1)[1]: v for k, v in config.items() if k.startswith("splits.")}
