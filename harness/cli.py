@@ -292,11 +292,12 @@ def _print_summary(outcomes) -> None:
 
 def _stage_logger(spec, out: Console):
     """A progress callback's log lines: ``HH:MM:SS <trial> · <stage> started`` when a stage
-    begins and ``... <stage> done (<s> s)`` when it completes (done == total) or the next
-    one begins (a stage without a count ends there; the trial's outcome line ends the last)."""
+    begins, ``... <stage>: <n>/<n> (<s> s), scoring`` when its counted work is through (the
+    stage then still scores and saves: mask mIoU, gallery, ...) and ``... <stage> done (<s> s)``
+    when the next one begins (the trial's outcome line ends the last)."""
     import time
 
-    state: dict = {"stage": None, "start": 0.0, "ended": True}
+    state: dict = {"stage": None, "start": 0.0, "counted": True}
 
     def line(text: str) -> None:
         out.print(f"{time.strftime('%H:%M:%S')} {escape(spec.label)} · {text}", soft_wrap=True)
@@ -304,13 +305,13 @@ def _stage_logger(spec, out: Console):
     def log(stage: str, done: int, total: int) -> None:
         now = time.monotonic()
         if stage != state["stage"]:
-            if not state["ended"]:
+            if state["stage"] is not None:
                 line(f"{state['stage']} done ({now - state['start']:.0f} s)")
-            state.update(stage=stage, start=now, ended=False)
+            state.update(stage=stage, start=now, counted=False)
             line(f"{stage} started")
-        if total and done >= total and not state["ended"]:
-            state["ended"] = True
-            line(f"{stage} done ({now - state['start']:.0f} s)")
+        if total and done >= total and not state["counted"]:
+            state["counted"] = True
+            line(f"{stage}: {done}/{total} ({now - state['start']:.0f} s), scoring")
 
     return log
 
