@@ -283,7 +283,11 @@ def _print_summary(outcomes) -> None:
         m = o.metrics
         cell = lambda k: f"{m[k]:.1f}" if k in m else "-"  # noqa: E731
         state = {"failed": "[red]failed", "skipped": "[dim]skipped", "finished": "[green]finished"}.get(o.state, o.state)
-        table.add_row(o.spec.trial_id, o.spec.method, str(o.spec.seed), state, cell("cam_miou"), cell("mask_miou"), cell("val_miou_ss"), cell("val_miou_ms_crf"), f"{m.get('time_total_s', 0):.0f}")
+        seconds = m.get("time_total_s")
+        # a tiny trial takes under a second: one decimal there, so its time never reads as "0"
+        took = "-" if seconds is None else f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
+        table.add_row(o.spec.trial_id, o.spec.method, str(o.spec.seed), state, cell("cam_miou"), cell("mask_miou"), cell("val_miou_ss"),
+                      cell("val_miou_ms_crf"), took)
     console.print(table)
     for o in outcomes:
         if o.state == "failed":
