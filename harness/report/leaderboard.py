@@ -144,15 +144,11 @@ def _label(method: str, variant: str, version: str, mixed: bool) -> str:
     return text
 
 
-def _pipeline_suffix(config: str) -> str:
-    """`` +IRN`` for a run whose pseudo masks came from the shared IRN stage
-    (``eval.refine = irn``), as the literature writes "+IRN": a reader must see it even where
-    the method has no other configuration (no variant tag); '' otherwise."""
-    try:
-        refine = json.loads(config).get("eval.refine", "none")
-    except (TypeError, ValueError):
-        return ""
-    return " +IRN" if str(refine).lower() == "irn" else ""
+def _pipeline_suffix(refine: str) -> str:
+    """`` +IRN`` for a run whose pseudo masks came from the shared IRN stage (the runs
+    frame's ``refine`` column), as the literature writes "+IRN": a reader must see it even
+    where the method has no other configuration (no variant tag); '' otherwise."""
+    return " +IRN" if refine == "irn" else ""
 
 
 def _device_kind(hardware: str) -> str:
@@ -196,7 +192,7 @@ def build_leaderboard(
     runs = runs.copy().reset_index(drop=True)
     for column, default in (("config", "{}"), ("segmentation", "own"), ("code_version", "unknown"), ("hardware", ""),
                             ("error", ""), ("end_time", 0), ("start_time", 0), ("run_id", ""), ("experiment", ""),
-                            ("env", ""), ("versions", "")):
+                            ("env", ""), ("versions", ""), ("refine", "none")):
         if column not in runs:
             runs[column] = default
     runs["variant"] = _variant_labels(runs)
@@ -206,7 +202,7 @@ def build_leaderboard(
     family = ["suite", "dataset", "method", "variant"]
     versions = runs.groupby(family)["code_version"].agg(lambda s: set(s))
     runs["code_flag"] = [_code_flag(versions[tuple(r[k] for k in family)], r["code_version"]) for _, r in runs.iterrows()]
-    runs["label"] = [_label(r["method"], r["variant"], r["code_version"], r["code_flag"] == "mixed") + _pipeline_suffix(r["config"])
+    runs["label"] = [_label(r["method"], r["variant"], r["code_version"], r["code_flag"] == "mixed") + _pipeline_suffix(r["refine"])
                      for _, r in runs.iterrows()]
     for key, vs in versions.items():
         if len(vs) > 1:
@@ -291,7 +287,8 @@ def build_leaderboard(
         row_keys.append(key)
         per_class_rows += _per_class(done, row)
         at_edge = _oracle_threshold_at_sweep_end(done)
-        all_background = [seed for seed in at_edge if _best_threshold(done, seed) >= 1.0 - 1e-9]
+        best = dict(zip(done["seed"].astype(int), done["cam_best_threshold"])) if at_edge else {}
+        all_background = [seed for seed in at_edge if best[seed] >= 1.0 - 1e-9]  # nothing left to widen
         past = [seed for seed in at_edge if seed not in all_background]
         if past:
             warnings.append(f"{suite}/{dataset}: **{label}**: the oracle CAM threshold is the sweep's upper end for seed(s) "
@@ -380,12 +377,6 @@ def _oracle_threshold_at_sweep_end(done: pd.DataFrame) -> list[int]:
         if stop is not None and not pd.isna(best) and abs(float(best) - float(stop)) < 1e-9:
             seeds.append(int(run["seed"]))
     return sorted(seeds)
-
-
-def _best_threshold(done: pd.DataFrame, seed: int) -> float:
-    """The oracle CAM threshold of ``seed``'s run in ``done`` (NaN when not recorded)."""
-    best = done.loc[done["seed"].astype(int) == seed, "cam_best_threshold"]
-    return float(best.iloc[0]) if len(best) else math.nan
 
 
 def _display_uri(uri: str) -> str:

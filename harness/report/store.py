@@ -26,6 +26,8 @@ The runs frame: one row per live (not superseded) trial run, columns
 ``error``           tag ``wsss.error`` of a failed trial
 ``stage_status``    tag ``wsss.stage_status``
 ``segmentation``    ``common`` (harness/common_seg.py) or ``own``
+``refine``          param ``eval.refine``: ``irn`` (pseudo masks from IRN, harness/refine.py)
+                    or ``none`` (the method's own; also for runs older than the option)
 ``config``          JSON text: the run's ``method.*``, ``dataset.*``, ``eval.*`` and
                     ``splits.*`` params, sorted (what decides the row's variant)
 ``random_init``     bool: real data and a ``*pretrained`` method param left None
@@ -174,6 +176,7 @@ def _run_row(run, experiment_name: str) -> dict[str, Any] | None:
         "stage_status": tags.get("wsss.stage_status", ""),
         "segmentation": "common" if _truthy(params.get("eval.common_segmentation")) or any(
             k.startswith("eval.common_segmentation.") for k in params) else "own",
+        "refine": str(params.get("eval.refine", "none")).lower(),
         "config": json.dumps(config),
         "data_root": params.get("data_root", "None"),
         # real data (a data root) with a checkpoint field (`pretrained`, `seg_pretrained`) left None
