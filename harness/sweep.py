@@ -104,8 +104,13 @@ def _eval_config(suite: Suite, overrides: Overrides) -> EvalConfig:
 PER_METHOD_EVAL: tuple[str, ...] = ("refine", "irn")
 
 
+def _fields(cls: type) -> set[str]:
+    """The hyper-parameter names of method class ``cls`` (its Config dataclass's fields)."""
+    return {f.name for f in dataclasses.fields(cls.Config)}
+
+
 def _method_config(name: str, cls: type, suite: Suite, overrides: Overrides) -> dict[str, Any]:
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    fields = _fields(cls)
     values = {k: v for k, v in suite.method_params.get(name, {}).items() if k not in PER_METHOD_EVAL}
     values.update({k: v for k, v in overrides.shared.items() if k in fields})
     values.update({k: v for k, v in overrides.methods.get(name, {}).items() if k not in PER_METHOD_EVAL})
@@ -152,7 +157,7 @@ def _check_shared_overrides(overrides: Overrides, registry: dict, methods: list[
     """A bare ``key=value`` must name a field of a selected method. When it does not, the
     hint names the ``dataset.`` / ``eval.`` option it is (or is closest to), never one that
     does not exist."""
-    every = set().union(*({f.name for f in dataclasses.fields(registry[m].Config)} for m in methods))
+    every = set().union(*(_fields(registry[m]) for m in methods))
     scoped = [f"dataset.{k}" for k in dataset_options] + [f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)]
     for key in overrides.shared:
         if key in every:
@@ -169,9 +174,10 @@ def partial_shared_overrides(overrides: Overrides, methods: list[str]) -> list[s
     their value, and their trial ids, silently otherwise), e.g. "`epochs=2` sets `epochs` of
     adcam; weaktr, afa have no such field and are left as they are." """
     registry = load_all()
+    fields = {m: _fields(registry[m]) for m in methods}
     notices = []
     for key, value in overrides.shared.items():
-        has = [m for m in methods if key in {f.name for f in dataclasses.fields(registry[m].Config)}]
+        has = [m for m in methods if key in fields[m]]
         lacks = [m for m in methods if m not in has]
         if has and lacks:
             notices.append(f"`{key}={value}` sets `{key}` of {', '.join(has)}; {', '.join(lacks)} "
