@@ -58,22 +58,18 @@ from methods.base import StageContext
 from methods.common import weights as registry
 from methods.common.conformer import CONFORMER_ARCHS, Conformer
 from methods.common.deeplab import SEG_ARCHS
+from methods.common.data import mix_seed
 from methods.common.loop import ResumableLoop
 from methods.common.mit import MIT_ARCHS, MixVisionTransformer, official_mit_keys
 from methods.common.training import CropAugment, normalize, seeded, set_lr, warmup_cosine_lr
 from methods.common.vit import VIT_ARCHS
 
-PRETRAIN_VERSION = 1  # bump when the training code changes what a checkpoint holds
+PRETRAIN_VERSION = 2  # bump when the training code changes what a checkpoint holds
 VAL_PER_CLASS = 8  # held-out images per class for the recorded accuracy
 CHECKPOINT_EVERY_S = 60.0  # an interrupted build resumes from its last mid-build checkpoint ...
 CHECKPOINT_EVERY_STEPS = 0  # ... written this often (0: by time only)
 
 Log = Callable[[str], None]
-
-
-def _seed(*parts: Any) -> int:
-    """A 63-bit seed from values (sha256): distinct tuples give unrelated streams."""
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
 def _stderr(text: str) -> None:
@@ -260,7 +256,7 @@ def train_backbone(
     ``workdir`` when an earlier build was interrupted."""
     python_rng = random.getstate()  # a resumed loop restores Python's RNG too: give the caller's back
     try:
-        with seeded(_seed(seed, arch, "init"), torch.device("cpu")):
+        with seeded(mix_seed(seed, arch, "init"), torch.device("cpu")):
             return _train(arch, family, options, recipe, seed, workdir)
     finally:
         random.setstate(python_rng)
@@ -282,7 +278,7 @@ def _train(arch: str, family: str, options: dict[str, Any], recipe: Recipe, seed
     augment = CropAugment(crop=size, scale_range=recipe.scale_range)
     model.train()
     losses: list[float] = []
-    for step, batch in loop.batches(corpus, recipe.batch_size, augment, _seed(seed, "pretrain-data")):
+    for step, batch in loop.batches(corpus, recipe.batch_size, augment, mix_seed(seed, "pretrain-data")):
         set_lr(optimizer, warmup_cosine_lr(recipe.lr, step, recipe.steps, recipe.warmup))
         targets = batch.labels.argmax(dim=1)
         logits = model(normalize(batch.images))

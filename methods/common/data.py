@@ -50,20 +50,21 @@ class Batch:
         )
 
 
-def _mix(*parts: int) -> int:
-    """A 63-bit seed from integers (blake2b): distinct tuples give unrelated streams."""
+def mix_seed(*parts: object) -> int:
+    """A 63-bit seed from values (blake2b of their text): distinct tuples give unrelated
+    streams, the same tuple the same seed in any process."""
     digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The CPU generator that augments sample ``index`` in ``epoch`` of a loop seeded ``seed``."""
-    return torch.Generator().manual_seed(_mix(seed, epoch, index))
+    return torch.Generator().manual_seed(mix_seed(seed, epoch, index))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The sample order of ``epoch``: a permutation of ``range(n)`` drawn from ``(seed, epoch)``."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, "order"))).tolist()
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, "order"))).tolist()
 
 
 def batches_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
