@@ -200,8 +200,8 @@ def comparability(
     if "crf" in published and published["crf"] != facts["crf"]:
         reasons.append("published after dense CRF, ours without" if published["crf"] else "published without CRF, ours with")
     # IRN (eval.refine = "irn") replaces the pseudo masks, so it is behind mask and val numbers.
-    ours_irn = config.get("eval.refine") == "irn" and facts["role"] == "cam_eval" and "mask" in canonical_metric(metric) \
-        or config.get("eval.refine") == "irn" and facts["role"] == "val"
+    ours_irn = config.get("eval.refine") == "irn" and (
+        facts["role"] == "val" or facts["role"] == "cam_eval" and "mask" in canonical_metric(metric))
     if "irn" in published and published["irn"] != ours_irn:
         reasons.append("published after IRN, ours without (eval.refine=irn runs it)" if published["irn"]
                        else "published without IRN, ours after IRN")
