@@ -29,13 +29,12 @@ from methods.common.irn.displacement import displacement_losses
 from methods.common.irn.labels import downsample_labels, pair_sets
 from methods.common.irn.model import IRNet
 from methods.common.loop import ResumableLoop
-from methods.common.training import CropAugment, poly_lr, set_lr
+from methods.common.training import CropAugment, poly_lr, seeded, set_lr
 
 
 def build_model(config: IRNConfig, seed: int) -> IRNet:
     """The network of ``config``, initialised from ``seed`` (the global RNG is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed, torch.device("cpu")):  # built on the CPU, moved to the device later
         return IRNet(config.arch, str(Path(config.pretrained).expanduser()) if config.pretrained else None, config.edge_dim, config.disp_dim, config.freeze_backbone)
 
 
