@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import random
-import resource
 import shutil
 import sys
 import time
@@ -53,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.profiling import measure
 from harness.pretrain_corpus import PretrainCorpus, generate_image, options_digest, resolve_options
 from methods.base import StageContext
 from methods.common import weights as registry
@@ -223,9 +223,9 @@ def ensure_pretrained(
         log(f"pretraining {arch} on the synthetic corpus (seed {seed}; first use, cached afterwards) -> {target}")
         workdir = target.parent / f".{target.stem}.work"
         workdir.mkdir(exist_ok=True)
-        wall0, cpu0 = time.perf_counter(), _cpu_seconds()
-        checkpoint, stats = train_backbone(arch, family, options, recipe, seed, workdir)
-        stats.update(wall_s=round(time.perf_counter() - wall0, 1), cpu_s=round(_cpu_seconds() - cpu0, 1))
+        with measure(torch.device("cpu")) as cost:
+            checkpoint, stats = train_backbone(arch, family, options, recipe, seed, workdir)
+        stats.update(wall_s=round(cost.wall_s, 1), cpu_s=round(cost.cpu_s, 1))
         staged = target.with_name(target.name + ".tmp")
         torch.save(checkpoint, staged)
         record = {
@@ -242,11 +242,6 @@ def ensure_pretrained(
         log(f"pretrained {arch} in {stats['wall_s']:.0f} s wall / {stats['cpu_s']:.0f} s CPU "
             f"({recipe.steps} steps x {recipe.batch_size}; held-out corpus accuracy {stats['val_accuracy']:.1f} %)")
     return target
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def train_backbone(
@@ -267,8 +262,9 @@ def _train(arch: str, family: str, options: dict[str, Any], recipe: Recipe, seed
     corpus = PretrainCorpus(options)
     size = int(options["image_size"])
     model = CLASSIFIERS[family](arch, corpus.num_classes, size)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
+    decays = {n: p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n for n, p in model.named_parameters()}
+    decay = [p for n, p in model.named_parameters() if decays[n]]
+    no_decay = [p for n, p in model.named_parameters() if not decays[n]]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr
     )
