@@ -35,6 +35,7 @@ from harness.errors import ConfigError, suggest
 from harness.datasets.base import MaskFolderSource
 from harness.visualize import save_label_png
 from methods.base import stack_samples
+from methods.common import weights
 from methods.common.irn import IRNConfig, build_model, irn_masks, train_irn
 from methods.common.irn.labels import confident_labels, confident_labels_crf
 from methods.common.irn.model import ARCHS
@@ -51,11 +52,10 @@ def refine_name(eval_settings: dict[str, Any]) -> str:
     return name
 
 
-def irn_config(eval_settings: dict[str, Any]) -> IRNConfig:
-    """``eval.irn`` (a dict, or ``"key=value,key=value"``) as an :class:`IRNConfig` (ConfigError
-    for an unknown key, a bad value, an unknown arch, a missing ``pretrained`` file or
-    thresholds out of order)."""
-    value = eval_settings.get("irn") or {}
+def irn_settings(value: Any) -> dict[str, Any]:
+    """An ``eval.irn`` value (a dict, or ``"key=value,key=value"``) as a dict of the keys it
+    sets, values as given (ConfigError for an item that is not key=value or another type)."""
+    value = value or {}
     if isinstance(value, str):
         items = [part.strip() for part in value.split(",") if part.strip()]
         bad = [part for part in items if "=" not in part]
@@ -64,14 +64,45 @@ def irn_config(eval_settings: dict[str, Any]) -> IRNConfig:
         value = dict(part.split("=", 1) for part in items)
     if not isinstance(value, dict):
         raise ConfigError(f"eval option `irn` must be a table of IRN settings; got {value!r}.")
-    config = build_method_config(IRNConfig, {k.strip(): v for k, v in value.items()}, "eval.irn")
+    return {str(k).strip(): v for k, v in value.items()}
+
+
+def merge_irn(base: Any, update: Any) -> Any:
+    """``update``'s IRN settings over ``base``'s, key by key (a suite's ``[eval.irn]`` table,
+    then a method's ``irn``, then an override, so ``adcam.irn=pretrained=none`` changes one key
+    and keeps the suite's recipe). Either side empty: the other, unchanged."""
+    if not update:
+        return base
+    if not base:
+        return update
+    return {**irn_settings(base), **irn_settings(update)}
+
+
+def irn_config(eval_settings: dict[str, Any]) -> IRNConfig:
+    """``eval.irn`` (a dict, or ``"key=value,key=value"``) as an :class:`IRNConfig` (ConfigError
+    for an unknown key, a bad value, an unknown arch, a ``pretrained`` value that names no
+    registered checkpoint (``auto`` for an arch without one) and no existing file, or thresholds
+    out of order)."""
+    config = build_method_config(IRNConfig, irn_settings(eval_settings.get("irn")), "eval.irn")
     if config.arch not in ARCHS:
         raise ConfigError(f"eval.irn: unknown arch {config.arch!r}.{suggest(config.arch, ARCHS)} Valid: {', '.join(ARCHS)}.")
-    if config.pretrained and not Path(config.pretrained).expanduser().is_file():
-        raise ConfigError(f"eval.irn: pretrained checkpoint {config.pretrained!r} does not exist; pass the path of a local ImageNet ResNet-50 state dict (torchvision or timm key names).")
+    _check_pretrained(config)
     if not 0 <= config.bg_threshold <= config.fg_threshold <= 1:
         raise ConfigError(f"eval.irn: need 0 <= bg_threshold <= fg_threshold <= 1; got {config.bg_threshold} and {config.fg_threshold}.")
     return config
+
+
+def _check_pretrained(config: IRNConfig) -> None:
+    """IRN's ``pretrained``: random init, a registry value (``auto`` = ImageNet ResNet-50 for
+    ``arch = "resnet50"``; fetched before the first trial) or an existing local file."""
+    try:
+        source = weights.source_for(config.pretrained, config.arch)
+    except weights.WeightsError as exc:
+        raise ConfigError(f"eval.irn: {exc}") from None
+    if source is None and not weights.is_random_init(config.pretrained) and not Path(str(config.pretrained)).expanduser().is_file():
+        raise ConfigError(f"eval.irn: pretrained checkpoint {config.pretrained!r} does not exist; pass \"auto\" (ImageNet "
+                          f"ResNet-50 from the weights registry, arch=resnet50), a registered name (`wsss-bench weights list`) "
+                          f"or the path of a local ImageNet ResNet-50 state dict (torchvision or timm key names).")
 
 
 def check_refine(eval_settings: dict[str, Any]) -> None:
@@ -137,4 +168,4 @@ def pseudo_mask_refiner(runner: Any, split: Any) -> IRNRefiner | None:
     return IRNRefiner(runner, split, irn_config(runner.eval))
 
 
-__all__ = ["REFINERS", "check_refine", "irn_config", "pseudo_mask_refiner", "refine_name"]
+__all__ = ["REFINERS", "check_refine", "irn_config", "irn_settings", "merge_irn", "pseudo_mask_refiner", "refine_name"]

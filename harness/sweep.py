@@ -15,6 +15,7 @@ from harness.common_seg import common_seg_config
 from harness.config import EvalConfig, Overrides, Suite, TrialSpec, build_method_config, check_eval_config, coerce
 from harness.datasets import create_dataset, dataset_options
 from harness.errors import ConfigError, WsssError, suggest, unknown
+from harness.refine import check_refine, merge_irn
 from harness.runner import ProgressFn, TrialRunner
 from harness.step_metrics import StepMetricBuffer
 from harness.tracking import Tracker, current_code_tree, same_code
@@ -48,14 +49,12 @@ def plan_trials(
     dataset = create_dataset(suite.dataset, Path(root) if root else None, cache_dir, dict(options))  # fail fast on bad data
     eval_values = {**dataclasses.asdict(_eval_config(suite, overrides))}
     common_seg_config(eval_values)  # a typo in the shared segmentation recipe fails here
-    from harness.refine import check_refine
-
     check_refine(eval_values)  # ... and one in eval.refine / eval.irn
     configs = {name: _method_config(name, registry[name], suite, overrides) for name in methods}
     evals = {name: _method_eval(name, suite, overrides, eval_values) for name in methods}
     configs = {name: _check_inputs(name, registry[name], config, dataset, suite, evals[name]) for name, config in configs.items()}
     _check_shared_overrides(overrides, registry, methods, options)
-    check_sweep_weights(suite, overrides, {m: registry[m] for m in methods}, configs, real_data=root is not None)
+    check_sweep_weights(suite, overrides, {m: registry[m] for m in methods}, configs, real_data=root is not None, evals=evals)
     specs = []
     for seed in seeds if seeds is not None else suite.seeds:
         for name in methods:
@@ -93,7 +92,8 @@ def _eval_config(suite: Suite, overrides: Overrides) -> EvalConfig:
     for key, value in overrides.eval.items():
         if key not in fields:
             raise ConfigError(f"Unknown eval option `{key}`.{suggest(key, fields)} Options: {', '.join(fields)}.")
-        setattr(config, key, coerce(value, fields[key].type, f"eval option `{key}`"))
+        value = coerce(value, fields[key].type, f"eval option `{key}`")
+        setattr(config, key, merge_irn(config.irn, value) if key == "irn" else value)
     return check_eval_config(config, "eval options")
 
 
@@ -121,17 +121,18 @@ def _method_config(name: str, cls: type, suite: Suite, overrides: Overrides) -> 
 def _method_eval(name: str, suite: Suite, overrides: Overrides, eval_values: dict[str, Any]) -> dict[str, Any]:
     """The eval settings of method ``name``'s trials: the sweep's, with the method's own
     ``refine`` / ``irn`` (:data:`PER_METHOD_EVAL`) when its table or overrides set them
-    (checked as ``eval.refine`` / ``eval.irn`` are)."""
-    values = {**suite.method_params.get(name, {}), **overrides.methods.get(name, {})}
-    own = {k: v for k, v in values.items() if k in PER_METHOD_EVAL}
-    if not own:
+    (checked as ``eval.refine`` / ``eval.irn`` are; ``irn`` keys are merged over the sweep's,
+    so ``adcam.irn=epochs=1`` keeps the suite's other IRN settings)."""
+    tables = [suite.method_params.get(name, {}), overrides.methods.get(name, {})]
+    if not any(k in PER_METHOD_EVAL for table in tables for k in table):
         return eval_values
-    from harness.refine import check_refine
-
     fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
     values = dict(eval_values)
-    for key, value in own.items():
-        values[key] = coerce(value, fields[key].type, f"method `{name}` `{key}`")
+    for table in tables:  # the suite's table, then the overrides; IRN settings merge key by key
+        for key, value in table.items():
+            if key in PER_METHOD_EVAL:
+                value = coerce(value, fields[key].type, f"method `{name}` `{key}`")
+                values[key] = merge_irn(values[key], value) if key == "irn" else value
     check_refine(values)
     return values
 

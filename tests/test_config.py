@@ -112,6 +112,8 @@ def test_bad_eval_override_is_rejected(tmp_path):
 
 def test_every_shipped_suite_loads_and_plans(tmp_path):
     from harness.config import list_suites
+    from harness.refine import check_refine
+    from harness.sweep import PER_METHOD_EVAL
 
     for name, path in list_suites().items():
         suite = load_suite(str(path))
@@ -119,7 +121,10 @@ def test_every_shipped_suite_loads_and_plans(tmp_path):
         assert suite.methods, f"suite {name} lists no methods"
         registry = load_all()
         for method, values in suite.method_params.items():
-            build_method_config(registry[method].Config, values, f"{name} [methods.{method}]")
+            # refine / irn are the method's trials' eval settings, not hyper-parameters
+            hyper = {k: v for k, v in values.items() if k not in PER_METHOD_EVAL}
+            build_method_config(registry[method].Config, hyper, f"{name} [methods.{method}]")
+            check_refine({k: v for k, v in values.items() if k in PER_METHOD_EVAL})
 
 
 def test_data_root_is_expanded_once_where_it_enters(tmp_path, monkeypatch):

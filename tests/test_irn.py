@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from methods.common.irn.displacement import displacement_losses
 from methods.common.irn.labels import confident_labels, pair_sets
 from methods.common.irn.model import IRNet
 from methods.common.irn.random_walk import propagate, transition_matrix, walk_to_mask
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_confident_labels_thresholds():
@@ -197,3 +201,21 @@ def test_refine_settings_are_checked():
         check_refine({"refine": "irn", "irn": "arch=resnet51"})
     with pytest.raises(ConfigError, match="does not exist"):
         check_refine({"refine": "irn", "irn": {"pretrained": "/nonexistent/r50.pth"}})
+
+
+def test_voc_suites_use_the_irn_paper_recipe_for_adcam():
+    """The voc / paper suites' AD-CAM pseudo masks are IRN with the paper's settings (so the
+    report compares 71.7 / 69.0 like for like), and an override changes one key only."""
+    import tomllib
+
+    from harness.config import load_suite, parse_overrides
+    from harness.sweep import _eval_config, _method_eval
+    from methods.common.irn.config import PAPER
+
+    for name in ("voc", "paper"):
+        table = tomllib.loads((ROOT / "benchmarks" / f"{name}.toml").read_text())["methods"]["adcam"]
+        assert table["refine"] == "irn" and table["irn"] == PAPER, name
+    suite = load_suite("voc")
+    overrides = parse_overrides(["adcam.irn=epochs=1"])
+    values = _method_eval("adcam", suite, overrides, dataclasses.asdict(_eval_config(suite, overrides)))
+    assert values["refine"] == "irn" and values["irn"] == {**PAPER, "epochs": "1"}

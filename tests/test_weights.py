@@ -344,3 +344,47 @@ def test_cli_run_on_real_data_resolves_weights_before_any_trial(shared_data, tmp
     assert main(args) == 2
     assert "cam.pretrained (vit_synth), cam.seg_pretrained (vit_synth)" not in (out := capsys.readouterr().out)
     assert "cam.pretrained (deit_tiny), cam.seg_pretrained (vit_synth) have no pretrained weights set" in " ".join(out.split())
+
+
+def test_irn_backbone_auto_fetches_the_registry_checkpoint(server, monkeypatch):
+    """IRN's ``pretrained="auto"`` goes through the registry like a method's backbone: the
+    served ResNet's weights end up in IRN's backbone (and the dry-run / preflight see it)."""
+    from methods.common.irn import IRNConfig, build_model
+    from methods.common.irn.model import IRNet
+
+    torch.manual_seed(3)
+    served = IRNet("tiny").backbone.state_dict()
+    data = _bytes(served)
+    server.files["/r50.pth"] = data
+    source = dataclasses.replace(weights.SOURCES["resnet50"], url=server.url + "/r50.pth", sha256=hashlib.sha256(data).hexdigest()[:8])
+    monkeypatch.setitem(weights.SOURCES, "resnet50", source)
+    monkeypatch.setitem(weights.ARCH_WEIGHTS, "tiny", "resnet50")  # the tiny test ResNet stands in for ResNet-50
+    model = build_model(IRNConfig(arch="tiny", pretrained="auto"), seed=0)
+    _same(model.backbone.state_dict(), served)
+    assert server.requests == [("GET", "/r50.pth")]
+
+
+def test_irn_weights_in_the_sweep_checks():
+    """``eval.refine = "irn"`` adds ``irn.pretrained`` to a trial's checkpoints: real data needs
+    it set (the fix names the override that works), ``auto`` needs a registered arch, and
+    per-method IRN settings merge over the suite's key by key."""
+    from harness.config import Suite, parse_overrides
+    from harness.errors import ConfigError
+    from harness.refine import irn_config, merge_irn
+    from harness.weights import check_sweep_weights, eval_weight_uses
+    from methods import load_all
+
+    cls = load_all()["cam"]
+    config = cls.Config(pretrained="auto", seg_pretrained="auto", backbone="deit_tiny", seg_backbone="deit_tiny").to_dict()
+    suite = Suite(name="s", dataset="voc", method_params={"cam": {"refine": "irn"}})
+    irn = {"refine": "irn", "irn": "arch=resnet50"}
+    assert eval_weight_uses(irn) == [("irn.pretrained", "resnet50", None)]
+    assert eval_weight_uses({"refine": "none", "irn": "arch=resnet50"}) == []
+    with pytest.raises(ConfigError, match=r"cam\.irn\.pretrained \(resnet50\) has no pretrained .* `cam\.irn=pretrained=none`"):
+        check_sweep_weights(suite, parse_overrides([]), {"cam": cls}, {"cam": config}, real_data=True, evals={"cam": irn})
+    spelled = {"refine": "irn", "irn": merge_irn("arch=resnet50", "pretrained=none")}
+    assert spelled["irn"] == {"arch": "resnet50", "pretrained": "none"}
+    check_sweep_weights(suite, parse_overrides([]), {"cam": cls}, {"cam": config}, real_data=True, evals={"cam": spelled})
+    with pytest.raises(ConfigError, match="no ImageNet checkpoint is registered for architecture 'tiny'"):
+        irn_config({"irn": "pretrained=auto"})
+    assert irn_config({"irn": {"arch": "resnet50", "pretrained": "auto"}}).pretrained == "auto"

@@ -153,7 +153,7 @@ SOURCES: dict[str, WeightSource] = {
     )
 }
 
-# Architecture short names (methods.common.{vit,mit,conformer,deeplab}) -> registry name.
+# Architecture short names (methods.common.{vit,mit,conformer,deeplab,irn}) -> registry name.
 # Architectures absent here (the tiny synthetic configs) have no pretrained weights.
 ARCH_WEIGHTS: dict[str, str] = {
     "deit_small": "deit_small",
@@ -168,6 +168,7 @@ ARCH_WEIGHTS: dict[str, str] = {
     "conformer_b": "conformer_b",
     "deeplab_v2_r101": "resnet101",
     "deeplab_v2_r50": "resnet50",
+    "resnet50": "resnet50",  # IRN's backbone (methods.common.irn, arch="resnet50")
 }
 
 

@@ -10,13 +10,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from methods.common.weights import weights_field
+
 
 @dataclass
 class IRNConfig:
     """IRN training and random-walk settings (``eval.irn`` table / ``eval.irn=key=value,...``)."""
 
     arch: str = "tiny"  # "resnet50" in the paper (ImageNet-pretrained)
-    pretrained: str | None = None  # local ImageNet ResNet-50 checkpoint; None = random init
+    # "auto" (arch resnet50: torchvision's ImageNet ResNet-50 from the weights registry), a registered
+    # name, a local checkpoint path, or None / "none" = random init (methods.common.weights.resolve)
+    pretrained: str | None = weights_field("arch")
     freeze_backbone: bool = False  # our understanding: the authors keep a pretrained backbone fixed (README)
     crop: int = 96  # paper: 512
     scale_min: float = 0.7  # random rescale of the image; IRN: long side 320-640 (~0.64-1.28 on VOC)
@@ -43,6 +47,6 @@ class IRNConfig:
 
 # The IRN paper's recipe (ResNet-50, crop 512, batch 32, 3 epochs, lr 0.1); set by the VOC suites.
 PAPER: dict[str, Any] = dict(
-    arch="resnet50", freeze_backbone=True, crop=512, scale_min=0.64, scale_max=1.28, epochs=3, batch_size=32, lr=0.1,
+    arch="resnet50", pretrained="auto", freeze_backbone=True, crop=512, scale_min=0.64, scale_max=1.28, epochs=3, batch_size=32, lr=0.1,
     weight_decay=1e-4, label_crf=True,
 )

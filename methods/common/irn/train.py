@@ -17,8 +17,6 @@ at its last mid-stage checkpoint with bit-identical results on CPU.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from methods.base import StageContext, SampleSource
@@ -30,12 +28,14 @@ from methods.common.irn.labels import downsample_labels, pair_sets
 from methods.common.irn.model import IRNet
 from methods.common.loop import ResumableLoop
 from methods.common.training import CropAugment, poly_lr, seeded, set_lr
+from methods.common.weights import resolve as resolve_weights
 
 
 def build_model(config: IRNConfig, seed: int) -> IRNet:
     """The network of ``config``, initialised from ``seed`` (the global RNG is left as it was)."""
     with seeded(seed, torch.device("cpu")):  # built on the CPU, moved to the device later
-        return IRNet(config.arch, str(Path(config.pretrained).expanduser()) if config.pretrained else None, config.edge_dim, config.disp_dim, config.freeze_backbone)
+        path = resolve_weights(config.pretrained, config.arch)  # None = random init; "auto" fetches into the cache
+        return IRNet(config.arch, str(path) if path else None, config.edge_dim, config.disp_dim, config.freeze_backbone)
 
 
 def irn_loss(model: IRNet, images: torch.Tensor, labels: torch.Tensor, offsets: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
