@@ -160,3 +160,23 @@ def test_timm_cam_augment_posterizes_zero_bits_to_black_instead_of_crashing():
     image = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
     for seed in range(300):
         augment(image, None, torch.Generator().manual_seed(seed))
+
+
+def test_resize_mask_copies_the_pixels_torch_nearest_picks():
+    """Hand case: 3 -> 5 columns takes source 0, 0, 1, 1, 2 (floor(i * 0.6)); 4 -> 2 takes 0, 2.
+    Then the same pixels as F.interpolate(mode="nearest") on many random sizes, 2x included."""
+    import torch.nn.functional as F
+
+    from methods.common.training import nearest_source_index, resize_mask
+
+    assert nearest_source_index(3, 5).tolist() == [0, 0, 1, 1, 2]
+    assert nearest_source_index(4, 2).tolist() == [0, 2]
+    mask = torch.tensor([[1, 2, 3]], dtype=torch.uint8)
+    assert resize_mask(mask, (2, 5)).tolist() == [[1, 1, 2, 2, 3]] * 2
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        h, w = (int(v) for v in torch.randint(1, 200, (2,), generator=gen))
+        size = (2 * h, 2 * w) if trial % 10 == 0 else tuple(int(v) for v in torch.randint(1, 500, (2,), generator=gen))
+        mask = torch.randint(0, 256, (h, w), generator=gen, dtype=torch.uint8)
+        expected = F.interpolate(mask[None, None], size=size, mode="nearest")[0, 0]
+        assert torch.equal(resize_mask(mask, size), expected), (h, w, size)
