@@ -338,6 +338,7 @@ def _write_reports(uri: str, results: Path, names: list[str] | None, extra_suite
     if extra_suite is not None:
         suites[extra_suite.name] = extra_suite
     references, seeds = suite_references(list(suites.values())), suite_seeds(list(suites.values()))
+    options["recipes"] = _suite_recipes(suites)
     if out is not None or options.get("experiments"):
         targets = [(out or results / "report", names)]
     else:
@@ -353,6 +354,21 @@ def _write_reports(uri: str, results: Path, names: list[str] | None, extra_suite
         _print_leaderboard(board, target)
     if errors and len(errors) == len(targets or [None]):
         raise errors[0]
+
+
+def _suite_recipes(suites: dict) -> dict[tuple[str, str], dict[str, str]]:
+    """(suite, method) -> the params of the suite's own recipe, for every method a suite file
+    names (one that cannot be resolved is left out: its variants are just not marked)."""
+    from harness.sweep import recipe_params
+
+    recipes = {}
+    for suite in suites.values():
+        for method in dict.fromkeys([*suite.methods, *suite.method_params]):
+            try:
+                recipes[(suite.name, method)] = recipe_params(suite, method)
+            except ConfigError:
+                continue
+    return recipes
 
 
 def _print_leaderboard(board, out_dir: Path) -> None:

@@ -159,15 +159,20 @@ class Summary:
         return (self.ci_high - self.ci_low) / 2.0
 
 
-def summarize(values: Iterable[float], level: float = 0.95) -> Summary:
-    """Summary of the non-NaN values (n counts only those)."""
+def summarize(values: Iterable[float], level: float = 0.95, bounds: tuple[float, float] | None = None) -> Summary:
+    """Summary of the non-NaN values (n counts only those). ``bounds`` (low, high): the range
+    the metric cannot leave (an mIoU's 0..100); the t-interval is clipped to it, since an
+    interval reaching below 0 % says nothing more than one reaching 0 %."""
     xs = _clean(values)
     n = len(xs)
     m, s = mean(xs), sample_std(xs)
     if n < 2:
         return Summary(n, m, math.nan, math.nan, math.nan, level)
     half = t_critical(n - 1, level) * s / math.sqrt(n)
-    return Summary(n, m, s, m - half, m + half, level)
+    low, high = m - half, m + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Summary(n, m, s, low, high, level)
 
 
 @dataclass(frozen=True)

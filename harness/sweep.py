@@ -18,7 +18,7 @@ from harness.errors import ConfigError, WsssError, suggest, unknown
 from harness.refine import check_refine, merge_irn
 from harness.runner import ProgressFn, TrialRunner
 from harness.step_metrics import StepMetricBuffer
-from harness.tracking import Tracker, current_code_tree, same_code
+from harness.tracking import Tracker, current_code_tree, flatten, same_code
 from harness.trial import STAGES, TrialDir
 from harness.weights import check_sweep_weights
 from methods import load_all
@@ -135,6 +135,19 @@ def _method_eval(name: str, suite: Suite, overrides: Overrides, eval_values: dic
                 values[key] = merge_irn(values[key], value) if key == "irn" else value
     check_refine(values)
     return values
+
+
+def recipe_params(suite: Suite, method: str) -> dict[str, str]:
+    """The ``method.*`` / ``eval.*`` params (flattened as a trial's run records them) of the
+    suite's own recipe for ``method``: what a plain ``run --suite`` gives, no override. The
+    report marks the variant that matches it. Errors: ConfigError (unknown method, bad suite)."""
+    registry = load_all()
+    if method not in registry:
+        raise unknown("method", method, registry)
+    none = Overrides()
+    config = _method_config(method, registry[method], suite, none)
+    eval_values = _method_eval(method, suite, none, dataclasses.asdict(_eval_config(suite, none)))
+    return {**flatten("method", config), **flatten("eval", eval_values)}
 
 
 def _check_inputs(name: str, cls: type, config: dict[str, Any], dataset, suite: Suite, eval_values: dict[str, Any]) -> dict[str, Any]:

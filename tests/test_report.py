@@ -456,3 +456,31 @@ def test_irn_rows_say_plus_irn_even_without_a_variant(tmp_path):
     board = report.build_leaderboard(report.fetch_runs(uri), {})
     assert sorted(board.table["label"]) == ["eta [refine=irn] +IRN", "eta [refine=none]", "zeta +IRN"]
     assert sorted(board.table["tag"]) == ["eta·v1 +IRN", "eta·v2", "zeta +IRN"]
+
+
+def test_the_variant_run_with_the_suites_recipe_is_marked_in_the_legend(tmp_path):
+    """Two configurations of one method: the legend says which one is the suite's own recipe
+    (the params a plain `run --suite` records, harness.sweep.recipe_params)."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from harness.config import Suite
+    from harness.sweep import recipe_params
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("wsss-bench/rec", artifact_location=(tmp_path / "art").as_uri())
+    suite = Suite(name="rec", dataset="synthetic", method_params={"cam": {"epochs": 2}})
+    recipe = recipe_params(suite, "cam")
+    assert recipe["method.epochs"] == "2" and recipe["eval.refine"] == "none"
+    for epochs in ("2", "5"):
+        tags = {"wsss.trial_id": f"cam-{epochs}", "wsss.method": "cam", "wsss.dataset": "synthetic", "wsss.suite": "rec",
+                "wsss.seed": "0", "wsss.status": "finished", "wsss.code_tree": "t1"}
+        rid = client.create_run(exp, tags=tags).info.run_id
+        client.log_batch(rid, params=[Param(k, v) for k, v in {**recipe, "method.epochs": epochs}.items()])
+        client.log_metric(rid, "mask_miou", 10.0)
+        client.set_terminated(rid)
+    board = report.build_leaderboard(report.fetch_runs(uri), {}, recipes={("rec", "cam"): recipe})
+    assert board.legends[("rec", "synthetic")] == [("cam·v1", "epochs=2 (the suite's recipe)"), ("cam·v2", "epochs=5")]
+    plain = report.build_leaderboard(report.fetch_runs(uri), {})
+    assert plain.legends[("rec", "synthetic")] == [("cam·v1", "epochs=2"), ("cam·v2", "epochs=5")]

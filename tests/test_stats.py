@@ -97,3 +97,12 @@ def test_rank_with_ties():
     # a chain of indistinguishable neighbours: only the distinguishable pair separates
     ranks = stats.rank_with_ties({"x": 3.0, "y": 2.0, "z": 1.0}, lambda p, q: (p, q) == ("x", "z"))
     assert ranks == {"x": 1, "y": 1, "z": 2}
+
+
+def test_summary_interval_is_clipped_to_the_metric_range():
+    # 0, 0, 3: mean 1, sample std sqrt(3), t(2, 0.975) = 4.303 -> 1 -/+ 4.303: [-3.303, 5.303];
+    # an mIoU cannot be below 0 %, so the reported interval starts at 0.
+    raw = stats.summarize([0.0, 0.0, 3.0])
+    assert raw.ci_low == pytest.approx(-3.3027, abs=1e-3) and raw.ci_high == pytest.approx(5.3027, abs=1e-3)
+    clipped = stats.summarize([0.0, 0.0, 3.0], bounds=(0.0, 100.0))
+    assert clipped.ci_low == 0.0 and clipped.ci_high == raw.ci_high and clipped.mean == 1.0

@@ -64,7 +64,7 @@ leaderboard.csv columns (stable; ``pandas.read_csv``), in this order:
 ``missing_seeds``                  expected seeds without a finished run (space-separated)
 ``n_failed``                       failed / unfinished trials of this row (not averaged)
 ``<m>_n, <m>_mean, <m>_std,``      for m in :data:`QUALITY_METRICS`: values present, mean,
-``<m>_ci_low, <m>_ci_high``        sample std, 95% t-interval of the mean (NaN for n < 2)
+``<m>_ci_low, <m>_ci_high``        sample std, 95% t-interval of the mean, clipped to the metric's range (NaN for n < 2)
 ``rank_<m>``                       for m in :data:`RANK_METRICS`: 1 = best; equal numbers =
                                    not distinguishable over matched seeds
 ``reference_<m>, delta_<m>,``      for m in :data:`REFERENCE_METRICS`: the suite file's

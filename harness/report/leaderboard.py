@@ -43,6 +43,12 @@ RANK_METRICS: tuple[str, ...] = ("cam_miou", "cam_miou_fixed", "mask_miou", "val
 
 THRESHOLD_METRICS: tuple[str, ...] = ("cam_best_threshold", "cam_fixed_threshold")  # shown with 2 decimals
 
+
+def metric_bounds(metric: str) -> tuple[float, float]:
+    """The range a quality metric cannot leave (its confidence interval is clipped to it):
+    thresholds 0..1, mIoU 0..100 (%)."""
+    return (0.0, 1.0) if metric in THRESHOLD_METRICS else (0.0, 100.0)
+
 COST_STAGES: tuple[str, ...] = STAGES + ("total",)
 
 TRAIN_STAGES: tuple[str, ...] = ("train_cam", "pseudo_masks", "train_seg")
@@ -181,11 +187,14 @@ def build_leaderboard(
     references: dict[str, dict[str, dict[str, Any]]] | None = None,
     expected_seeds: dict[str, Iterable[int]] | None = None,
     baselines: pd.DataFrame | None = None,
+    recipes: dict[tuple[str, str], dict[str, str]] | None = None,
 ) -> Leaderboard:
     """Aggregate runs over seeds. ``references``: suite -> method -> metric -> published
     value (string entries such as ``source`` are notes); ``expected_seeds``: suite -> the
     seeds every method should have (the suite file's), besides those seen in the store;
-    ``baselines``: the trivial-baseline frame of harness/report/baselines.py (kept as is)."""
+    ``baselines``: the trivial-baseline frame of harness/report/baselines.py (kept as is);
+    ``recipes``: (suite, method) -> the ``method.*`` / ``eval.*`` params of the suite's own
+    recipe: the variant whose runs have them is marked "the suite's recipe" in the legend."""
     meta = {"tracking_uri": _display_uri(runs.attrs.get("tracking_uri", "")), "selection": runs.attrs.get("selection", "")}
     if runs.empty:
         return Leaderboard(pd.DataFrame(), pd.DataFrame(), meta=meta)
@@ -267,7 +276,7 @@ def build_leaderboard(
             values = {int(s): float(v) for s, v in zip(done["seed"], done[metric] if metric in done else [math.nan] * len(done))
                       if not pd.isna(v)}
             store[metric] = values
-            summary = stats.summarize(values.values())
+            summary = stats.summarize(values.values(), bounds=metric_bounds(metric))
             row[f"{metric}_n"] = summary.n
             row[f"{metric}_mean"] = summary.mean
             row[f"{metric}_std"] = summary.std
@@ -330,21 +339,37 @@ def build_leaderboard(
     runs_out = runs.copy()
     meta["generated"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta["n_runs"] = str(len(runs))
-    table["tag"], legends = _short_tags(table)
+    table["tag"], legends = _short_tags(table, _recipe_variants(runs, recipes or {}))
     table = table.reindex(columns=leaderboard_columns())
     return Leaderboard(table, failed, pairwise, pd.DataFrame(per_class_rows), runs_out, warnings, protocols, meta,
                        baselines if baselines is not None else pd.DataFrame(), legends)
 
 
-def _short_tags(table: pd.DataFrame) -> tuple[list[str], dict[tuple[str, str], list[tuple[str, str]]]]:
+def _recipe_variants(runs: pd.DataFrame, recipes: dict[tuple[str, str], dict[str, str]]) -> set[tuple[str, str, str, str]]:
+    """(suite, dataset, method, variant) of the variants whose runs were made with the suite's
+    own recipe: every ``method.*`` / ``eval.*`` param the run and the recipe both have is equal
+    (a field added to a config later is left out of the comparison)."""
+    out = set()
+    for _, r in runs[runs["variant"] != ""].iterrows():
+        recipe = recipes.get((r["suite"], r["method"]))
+        if not recipe:
+            continue
+        config = json.loads(r["config"])
+        if all(config[k] == v for k, v in recipe.items() if k in config):
+            out.add((r["suite"], r["dataset"], r["method"], r["variant"]))
+    return out
+
+
+def _short_tags(table: pd.DataFrame, recipe_variants: set[tuple[str, str, str, str]] = frozenset()
+                ) -> tuple[list[str], dict[tuple[str, str], list[tuple[str, str]]]]:
     """A short display name per row and, per (suite, dataset), the legend of its variants.
 
     A row whose method has one configuration in the suite keeps its label (``afa``, ``delta
     @aaa``); otherwise the ``[settings]`` part becomes ``·v<k>`` (k = 1, 2, ... in the order of
     the variants' text), e.g. ``weaktr·v2``, and the legend lists for ``weaktr·v2`` only the
     settings that differ between the method's configurations (what is common to them is the
-    suite's recipe, stated once in the protocol). leaderboard.csv keeps the full ``label``
-    and ``variant``.
+    suite's recipe, stated once in the protocol), followed by "(the suite's recipe)" for the
+    variant in ``recipe_variants``. leaderboard.csv keeps the full ``label`` and ``variant``.
     """
     tags: list[str] = []
     legends: dict[tuple[str, str], list[tuple[str, str]]] = {}
@@ -353,7 +378,8 @@ def _short_tags(table: pd.DataFrame) -> tuple[list[str], dict[tuple[str, str], l
         variants = sorted(v for v in set(group["variant"]) if v)
         numbers[(suite, dataset, method)] = {v: k for k, v in enumerate(variants, 1)}
         for k, v in enumerate(variants, 1):
-            legends.setdefault((suite, dataset), []).append((f"{method}·v{k}", v.replace(",", ", ")))
+            mark = " (the suite's recipe)" if (suite, dataset, method, v) in recipe_variants else ""
+            legends.setdefault((suite, dataset), []).append((f"{method}·v{k}", v.replace(",", ", ") + mark))
     for _, r in table.iterrows():
         variant = r["variant"]
         if not variant:
@@ -478,7 +504,7 @@ def _per_class(done: pd.DataFrame, row: dict[str, Any]) -> list[dict[str, Any]]:
         prefix = f"iou_{what}/"
         classes = sorted((c[len(prefix):] for c in done.columns if c.startswith(prefix) and done[c].notna().any()), key=_class_sort_key)
         for name in classes:
-            summary = stats.summarize(done[prefix + name])
+            summary = stats.summarize(done[prefix + name], bounds=(0.0, 100.0))  # IoU in %
             out.append({"suite": row["suite"], "dataset": row["dataset"], "label": row["label"], "method": row["method"],
                         "variant": row["variant"], "code_version": row["code_version"], "what": what, "class": name,
                         "n": summary.n, "mean": summary.mean, "std": summary.std, "ci_low": summary.ci_low, "ci_high": summary.ci_high})

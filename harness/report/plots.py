@@ -107,8 +107,8 @@ def pareto_plot(sub: pd.DataFrame, metric: str, title: str, colors: dict, path: 
     if xs.max() < 1.0:
         xs, unit = xs * 60.0, "minutes"
     for (_, r), x, y in zip(rows.iterrows(), xs, ys):
-        half = (r[f"{metric}_ci_high"] - r[f"{metric}_ci_low"]) / 2 if not pd.isna(r[f"{metric}_ci_low"]) else 0.0
-        ax.errorbar([x], [y], yerr=[[half], [half]], fmt="o", color=colors[r["label"]], capsize=3, label=f"{(names or {}).get(r['label'], r['label'])} (n={r['n_seeds']})")
+        below, above = (y - r[f"{metric}_ci_low"], r[f"{metric}_ci_high"] - y) if not pd.isna(r[f"{metric}_ci_low"]) else (0.0, 0.0)
+        ax.errorbar([x], [y], yerr=[[below], [above]], fmt="o", color=colors[r["label"]], capsize=3, label=f"{(names or {}).get(r['label'], r['label'])} (n={r['n_seeds']})")
     front = pareto_front(list(zip(xs, ys)))
     if len(front) > 1:
         ax.plot(xs[front], ys[front], color="0.4", linestyle="--", linewidth=1, label="Pareto front", zorder=0)

@@ -31,6 +31,7 @@ def write_report(
     baselines: bool = True,
     cache_dir: Path | None = None,
     pairwise_metrics: list[str] | None = None,
+    recipes: dict[tuple[str, str], dict[str, str]] | None = None,
 ) -> Leaderboard:
     """Write leaderboard.md / .csv / .html (+ pairwise.csv, per_class.csv, runs.csv, plots/,
     gallery/) into ``out_dir`` (its plots/ and gallery/ folders are replaced); returns the
@@ -39,7 +40,8 @@ def write_report(
     (harness/report/baselines.py), computed from the data where it is at hand and cached in
     ``cache_dir`` (the results' ``cache/``; None: a temporary folder, nothing kept).
     ``pairwise_metrics``: metrics whose pairwise comparisons the md / html show (default the
-    primary one; pairwise.csv has every metric)."""
+    primary one; pairwise.csv has every metric). ``recipes``: (suite, method) -> the suite
+    recipe's params (harness.sweep.recipe_params), to mark the variant that is the recipe."""
     runs = fetch_runs(tracking_uri, suites, experiments, filter_string)
     if runs.empty and require_runs:
         raise ResultsError(
@@ -55,7 +57,7 @@ def write_report(
                 base_rows, base_notes = compute_baselines(runs, Path(tmp) / "cache")
         else:
             base_rows, base_notes = compute_baselines(runs, Path(cache_dir))
-    board = build_leaderboard(runs, references, expected_seeds, base_rows)
+    board = build_leaderboard(runs, references, expected_seeds, base_rows, recipes)
     board.warnings += base_notes
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
