@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -189,18 +190,21 @@ def cmd_run(args) -> int:
         seeds = [int(s) for s in _split_list(args.seeds, "seeds")] if args.seeds else None
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}.") from None
-    results = _results_dir(args.results)
+    # --dry-run writes nothing: with no results directory yet, dataset caches go to a scratch one.
+    results = Path(args.results).expanduser().resolve() if args.dry_run else _results_dir(args.results)
+    scratch = tempfile.TemporaryDirectory(prefix="wsss-dry-run-") if args.dry_run and not results.exists() else None
+    cache = Path(scratch.name) if scratch else results / "cache"
     from harness.backends import BackendOptions, dry_run_states, run_sweep
     from harness.weights import describe_trial, fetch_sweep_weights
     from methods import load_all
 
     options = BackendOptions.from_args(args)  # bad backend options fail before anything runs
     overrides = parse_overrides(args.overrides)
-    specs = plan_trials(suite, methods, seeds, overrides, expand_data_root(args.data_root), results / "cache")
+    specs = plan_trials(suite, methods, seeds, overrides, expand_data_root(args.data_root), cache)
     for notice in partial_shared_overrides(overrides, methods):
         console.print(f"[yellow]{escape(notice)}", soft_wrap=True)
     # Before anything is recorded: canonical data root, split fallbacks, cheap data checks.
-    specs = preflight(specs, results / "cache", notice=lambda text: console.print(f"[yellow]{escape(text)}", soft_wrap=True))
+    specs = preflight(specs, cache, notice=lambda text: console.print(f"[yellow]{escape(text)}", soft_wrap=True))
     uri = _tracking_uri(args, results)
     if args.dry_run:
         states = dry_run_states(specs, results, tracker_for_reading(uri, suite.name), args.reuse_older_code)
@@ -214,6 +218,8 @@ def cmd_run(args) -> int:
         if any("[missing]" in cell for cell in weights.values()):
             console.print("Weights marked [missing] are downloaded when the run starts; on an offline machine fetch them "
                           "first with `wsss-bench weights fetch NAMES` (see `wsss-bench weights list`).", soft_wrap=True)
+        if scratch is not None:
+            scratch.cleanup()
         return 0
 
     tracker = Tracker(uri, suite.name)

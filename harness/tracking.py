@@ -148,11 +148,19 @@ def default_tracking_uri(results_dir: Path) -> str:
     return f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Fail early, with a clear message, on a store that cannot be used."""
+def check_tracking_uri(uri: str, create: bool = True) -> None:
+    """Fail early, with a clear message, on a store that cannot be used. ``create=False``
+    (reading, ``--dry-run``): a missing SQLite directory is not created; the nearest existing
+    folder above it must be writable instead."""
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///") :])
         parent = db.parent
+        if not parent.exists() and not create:
+            while not parent.exists():
+                parent = parent.parent
+            if not _writable(parent):
+                raise TrackingError(f"Tracking URI {uri}: {parent} is not writable. Choose another --tracking-uri or results directory.")
+            return
         if not parent.exists():
             try:
                 parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +271,7 @@ def tracker_for_reading(uri: str, suite: str) -> "Tracker | EmptyStore":
     store whose file does not exist (reading must not create it)."""
     path = sqlite_path(uri)
     if path is not None and not path.exists():
-        check_tracking_uri(uri)  # a bad URI is still an error
+        check_tracking_uri(uri, create=False)  # a bad URI is still an error; nothing is created
         return EmptyStore()
     return Tracker(uri, suite)
 

@@ -255,7 +255,8 @@ def test_missing_train_aug_falls_back_to_train(voc, tmp_path, capsys):
     assert run(results, "--suite", str(suite_file(tmp_path, "voc", root, train="train_aug")), "--dry-run") == 0
     out = capsys.readouterr().out
     assert "'train_aug'" in out and "uses 'train' instead" in flat(out)
-    pinned_train = suite_file(tmp_path / "results", "voc", root, train="train")
+    (tmp_path / "pinned").mkdir()  # a second suite file (--dry-run created no results folder)
+    pinned_train = suite_file(tmp_path / "pinned", "voc", root, train="train")
     assert run(results, "--suite", str(pinned_train), "--dry-run") == 0
     assert trial_ids(out) == trial_ids(capsys.readouterr().out), "the id names the split that really runs"
     # With SBD's list present, train_aug is used (and checked).

@@ -98,6 +98,8 @@ def test_dry_run_on_a_new_results_dir_creates_no_store(tmp_path, capsys):
     assert _run(tmp_path, "--dry-run") == 0
     assert "new" in capsys.readouterr().out
     assert not (tmp_path / "mlflow.db").exists()  # looking must not create the MLflow store
+    assert _run(tmp_path / "not" / "yet", "--dry-run") == 0
+    assert not (tmp_path / "not").exists()  # ... nor the results directory
 
 
 def test_same_seed_same_metrics(finished, tmp_path, capsys):
