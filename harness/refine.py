@@ -36,12 +36,20 @@ from harness.datasets.base import MaskFolderSource
 from harness.visualize import save_label_png
 from methods.base import stack_samples
 from methods.common import weights
+from methods.common.crf import map_forked
 from methods.common.irn import IRNConfig, build_model, irn_masks, train_irn
 from methods.common.irn.labels import confident_labels, confident_labels_crf
 from methods.common.irn.model import ARCHS
 
 REFINERS = ("none", "irn")
 CHECKPOINT = "irn"  # checkpoints/irn.pt in the trial directory
+LABEL_CHUNK = 8  # confident-region labels made per CRF worker between writes
+
+
+def _crf_label_job(job: tuple[Any, Any, float, float]):
+    """One image's CRF-refined confident-region labels (a worker of :func:`map_forked`)."""
+    image, cams, fg_threshold, bg_threshold = job
+    return confident_labels_crf(image, cams, fg_threshold, bg_threshold)
 
 
 def refine_name(eval_settings: dict[str, Any]) -> str:
@@ -134,26 +142,35 @@ class IRNRefiner:
         self.metrics = {"time_irn_s": elapsed, "params_irn": float(sum(p.numel() for p in self.model.parameters()))}
 
     def _write_labels(self):
-        """Confident-region label PNGs for the split (those already written are kept)."""
+        """Confident-region label PNGs for the split (those already written are kept; each is
+        written atomically, so a killed run resumes with whole files). With ``label_crf`` the
+        dense CRFs run ``eval.crf_workers`` at a time (:func:`methods.common.crf.map_forked`):
+        two CRFs per image over a VOC train_aug set are hours on one core."""
         out = self.ctx.workdir / "labels"
         out.mkdir(parents=True, exist_ok=True)
         cfg = self.config
-        for index in range(len(self.split)):
-            sample = self.split[index]
-            path = out / f"{sample.id}.png"
-            if path.exists():
-                continue
-            cams = self.runner._load_cams(sample)
-            if cams is None:
-                images, labels = stack_samples([sample])
-                with torch.no_grad():
-                    cams = self.runner.method.cams(images.to(self.device), labels.to(self.device))[0].float().cpu()
+        todo = [index for index, sample_id in enumerate(self.split.ids) if not (out / f"{sample_id}.png").exists()]
+        workers = int(self.runner.eval.get("crf_workers") or 1) if cfg.label_crf else 1
+        for start in range(0, len(todo), LABEL_CHUNK * workers):
+            samples = [self.split[index] for index in todo[start:start + LABEL_CHUNK * workers]]
+            cams = [self._cams(sample) for sample in samples]
             if cfg.label_crf:
-                label = confident_labels_crf(sample.image, cams.numpy(), cfg.fg_threshold, cfg.bg_threshold)
+                jobs = [(sample.image, c.numpy(), cfg.fg_threshold, cfg.bg_threshold) for sample, c in zip(samples, cams)]
+                labels = map_forked(_crf_label_job, jobs, workers)
             else:
-                label = confident_labels(cams, cfg.fg_threshold, cfg.bg_threshold).numpy()
-            save_label_png(label, path)
+                labels = [confident_labels(c, cfg.fg_threshold, cfg.bg_threshold).numpy() for c in cams]
+            for sample, label in zip(samples, labels):
+                save_label_png(label, out / f"{sample.id}.png")
         return out
+
+    def _cams(self, sample) -> torch.Tensor:
+        """(C, H, W) float CAMs of one training sample: the stored ones, else the method's."""
+        cams = self.runner._load_cams(sample)
+        if cams is None:
+            images, labels = stack_samples([sample])
+            with torch.no_grad():
+                cams = self.runner.method.cams(images.to(self.device), labels.to(self.device))[0].float().cpu()
+        return cams
 
     def pseudo_masks(self, images: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W), (B, C, H, W), (B, C) -> (B, H, W) int64 in {0..C}."""

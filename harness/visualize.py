@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from harness.datasets.base import atomic_write_bytes
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -25,10 +28,14 @@ def voc_palette(n: int = 256) -> np.ndarray:
 
 
 def save_label_png(labels: np.ndarray, path: Path) -> None:
-    """(H, W) uint8 labels -> palette PNG whose pixel values are the labels themselves."""
+    """(H, W) uint8 labels -> palette PNG whose pixel values are the labels themselves.
+    Written atomically (temp file, rename): a stage that resumes by skipping the files already
+    there (pseudo masks, IRN's labels) never finds a half-written one after a kill -9."""
     image = Image.fromarray(labels.astype(np.uint8), mode="P")
     image.putpalette(voc_palette().flatten().tolist())
-    image.save(path)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def load_label_png(path: Path) -> np.ndarray:

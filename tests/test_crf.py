@@ -46,6 +46,9 @@ def test_dense_crf_labels_shape_and_range():
     assert out.shape == image.shape[:2] and out.dtype == np.int64
     assert out.min() >= 0 and out.max() < 3
 
+    image.flags.writeable = False  # as np.asarray(PIL image) gives: pydensecrf wants a writable buffer
+    np.testing.assert_array_equal(dense_crf_labels(image, probs.argmax(0), 3, CRFParams(iterations=3)), out)
+
 
 def test_dense_crf_many_parallel_equals_serial():
     pairs = [_image_and_probs(6 + i, 7 + i, seed=i) for i in range(3)]

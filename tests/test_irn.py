@@ -219,3 +219,20 @@ def test_voc_suites_use_the_irn_paper_recipe_for_adcam():
     overrides = parse_overrides(["adcam.irn=epochs=1"])
     values = _method_eval("adcam", suite, overrides, dataclasses.asdict(_eval_config(suite, overrides)))
     assert values["refine"] == "irn" and values["irn"] == {**PAPER, "epochs": "1"}
+
+
+def test_irn_crf_labels_are_the_same_with_parallel_crf_workers(tmp_path):
+    """label_crf=true: the confident-region labels made by 2 CRF worker processes are the
+    files one process makes, byte for byte (the CRF is deterministic; order is kept)."""
+    from harness.config import load_suite, parse_overrides
+    from harness.sweep import plan_trials
+
+    labels = {}
+    for workers in (1, 2):
+        items = [t for t in TINY if not t.startswith("eval.irn=")] + [
+            "eval.irn=crop=64,batch_size=6,epochs=1,steps=4,edge_dim=8,disp_dim=8,label_crf=true", f"eval.crf_workers={workers}"]
+        spec = plan_trials(load_suite("synthetic"), ["cam"], [0], parse_overrides(items), None, tmp_path / "cache")[0]
+        _run(spec, tmp_path / f"w{workers}")
+        folder = tmp_path / f"w{workers}" / "trials" / spec.trial_id / "work" / "irn" / "labels"
+        labels[workers] = {f.name: f.read_bytes() for f in sorted(folder.glob("*.png"))}
+    assert len(labels[1]) == 12 and labels[1] == labels[2]

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import multiprocessing as mp
 import numpy as np
@@ -24,7 +24,7 @@ def _pairwise(crf, image: np.ndarray, params: CRFParams) -> None:
     crf.addPairwiseBilateral(
         sxy=params.bilateral_sxy,
         srgb=params.bilateral_srgb,
-        rgbim=np.ascontiguousarray(image, dtype=np.uint8),
+        rgbim=np.require(image, dtype=np.uint8, requirements=["C", "W"]),  # pydensecrf needs a writable buffer
         compat=params.bilateral_compat,
     )
 
@@ -85,18 +85,24 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def dense_crf_many(
-    images: Sequence[np.ndarray], probs: Sequence[np.ndarray], params: CRFParams, workers: int | None = None
-) -> list[np.ndarray]:
-    """``dense_crf`` over many images, in parallel processes (the C++ inference holds the GIL).
+def map_forked(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int | None = None) -> list[Any]:
+    """``[fn(job) for job in jobs]``, in up to ``workers`` forked processes (default: every
+    core; serial for <= 1): dense CRF inference is C++ that holds the GIL. Results keep the
+    order of ``jobs``. ``fn`` must be a module-level function (it is pickled by name).
 
     The workers are forked (cheap: no re-import) and die with this process
     (:func:`_die_with_parent`); whoever holds locks must not let forked children keep them
     (the harness closes its trial-lock fds in every forked child)."""
-    jobs = [(img, p, params) for img, p in zip(images, probs, strict=True)]
     workers = min(len(jobs), workers or os.cpu_count() or 1)
     if workers <= 1:
-        return [_crf_job(job) for job in jobs]
+        return [fn(job) for job in jobs]
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=_die_with_parent,
                              initargs=(os.getpid(),)) as pool:
-        return list(pool.map(_crf_job, jobs))
+        return list(pool.map(fn, jobs))
+
+
+def dense_crf_many(
+    images: Sequence[np.ndarray], probs: Sequence[np.ndarray], params: CRFParams, workers: int | None = None
+) -> list[np.ndarray]:
+    """``dense_crf`` over many images in parallel processes (:func:`map_forked`)."""
+    return map_forked(_crf_job, [(img, p, params) for img, p in zip(images, probs, strict=True)], workers)
