@@ -85,7 +85,7 @@ class TrackingServer:
         return asdict(self)
 
     def write_info(self) -> None:
-        from harness.trial import atomic_write_text
+        from harness.files import atomic_write_text
 
         atomic_write_text(Path(self.results_dir) / INFO_FILE, json.dumps(self.to_dict(), indent=2))
 

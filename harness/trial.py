@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 
 from harness.config import TrialSpec
 from harness.errors import ResultsError
+from harness.files import atomic_write_text
 
 STAGES: tuple[str, ...] = ("train_cam", "cams", "pseudo_masks", "train_seg", "segment")
 TRAINING_STAGES = ("train_cam", "train_seg")
@@ -43,15 +43,6 @@ class StageRecord:
     peak_gpu_mb: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     curves: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [[x, y], ...]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename, so a kill never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 class TrialDir:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from harness.datasets.base import atomic_write_bytes
+from harness.files import atomic_write_bytes
 
 
 def voc_palette(n: int = 256) -> np.ndarray:

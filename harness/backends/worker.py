@@ -69,7 +69,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from harness.trial import atomic_write_text
+    from harness.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -256,7 +256,7 @@ def _run_locked(task: dict[str, Any], spec, results: Path, root: Path, info: dic
         except Exception as exc:  # raised outside the runner (tracking store, trial dir): still recorded
             message = f"{type(exc).__name__}: {exc}"
             try:
-                from harness.trial import atomic_write_text
+                from harness.files import atomic_write_text
 
                 atomic_write_text(root / "error.txt", traceback.format_exc())
             except OSError:

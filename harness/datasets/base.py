@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import abc
 import io
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
@@ -20,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from harness.errors import ConfigError, DataError, suggest, unknown
+from harness.files import atomic_write_bytes
 from methods.base import IGNORE_INDEX, DatasetInfo, Sample, add_to_registry
 
 SampleReader = Callable[[str], Sample]
@@ -204,18 +203,6 @@ def labels_from_counts(counts: np.ndarray, num_classes: int) -> np.ndarray:
 def _list_values(values: np.ndarray, limit: int = 10) -> str:
     shown = ", ".join(str(int(v)) for v in values[:limit])
     return shown + (f", ... ({values.size} distinct)" if values.size > limit else "")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either nothing or all of it: temp file, then rename.
-    Concurrent writers (Ray workers converting the same cache) cannot leave a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -36,7 +36,6 @@ from pycocotools import mask as mask_utils
 from harness.datasets.base import (
     Dataset,
     Split,
-    atomic_write_bytes,
     check_mask,
     image_header,
     labels_from_counts,
@@ -47,6 +46,7 @@ from harness.datasets.base import (
     summarise_problems,
 )
 from harness.errors import DataError
+from harness.files import atomic_write_bytes
 from methods.base import IGNORE_INDEX, DatasetInfo, Sample
 
 log = logging.getLogger(__name__)

@@ -46,7 +46,6 @@ import numpy as np
 from harness.datasets.base import (
     Dataset,
     Split,
-    atomic_write_bytes,
     check_mask,
     labels_from_counts,
     png_bytes,
@@ -55,6 +54,7 @@ from harness.datasets.base import (
     register_dataset,
 )
 from harness.errors import ConfigError, DataError
+from harness.files import atomic_write_bytes
 from methods.base import DatasetInfo, Sample
 
 GENERATOR_VERSION = 1  # bump whenever the drawing changes, so old caches are not reused
