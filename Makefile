@@ -58,9 +58,9 @@ lock:
 
 # The committed reports (reports/synthetic, reports/voc-mini): every method of the synthetic
 # suite over 3 seeds plus the papers' ablations and IRN, and every method on voc-mini over 3 seeds
-# (8 voc-mini trials took 2 h 12 min two at a time on 2 idle CPU cores: 22-44 min each; set
-# VOC_SEEDS=0 for a quicker single-seed report). `|| true`: a failed trial is listed in the
-# report rather than stopping it.
+# (a voc-mini trial is 26-58 min on one CPU core, two at a time: about 1 h 25 min per seed on 2
+# cores; VOC_SEEDS=0 gives the committed single-seed report). `|| true`: a failed trial is
+# listed in the report rather than stopping it.
 RUN := $(BIN)/wsss-bench run --max-parallel 2 --cpus-per-trial 1
 VOC_SEEDS ?= 0,1,2
 reports: $(STAMP)
