@@ -216,7 +216,7 @@ def cmd_run(args) -> int:
             table.add_row(spec.trial_id, spec.method, spec.dataset, str(spec.seed), states[spec.trial_id], escape(weights[spec.trial_id]))
         console.print(table)
         if any("[missing]" in cell for cell in weights.values()):
-            console.print("Weights marked [missing] are downloaded when the run starts; on an offline machine fetch them "
+            console.print("Weights marked \\[missing] are downloaded when the run starts; on an offline machine fetch them "
                           "first with `wsss-bench weights fetch NAMES` (see `wsss-bench weights list`).", soft_wrap=True)
         if scratch is not None:
             scratch.cleanup()

@@ -103,6 +103,11 @@ def irn_config(eval_settings: dict[str, Any]) -> IRNConfig:
 def _check_pretrained(config: IRNConfig) -> None:
     """IRN's ``pretrained``: random init, a registry value (``auto`` = ImageNet ResNet-50 for
     ``arch = "resnet50"``; fetched before the first trial) or an existing local file."""
+    if str(config.pretrained).strip().lower() in weights.AUTO and config.arch not in weights.ARCH_WEIGHTS:
+        raise ConfigError(f"IRN settings (eval.irn, or <method>.irn): pretrained={config.pretrained!r} needs an architecture with "
+                          f"ImageNet weights, and arch={config.arch!r} (IRN's small synthetic ResNet) has none. Set arch=resnet50 "
+                          f"with it (e.g. `adcam.irn=arch=resnet50,pretrained=auto`: torchvision's ImageNet ResNet-50), "
+                          f"or pretrained=none for random init.")
     try:
         source = weights.source_for(config.pretrained, config.arch)
     except weights.WeightsError as exc:

@@ -52,10 +52,12 @@ def _spelled_out(field: str, method: str, suite: Suite, overrides: Overrides, ev
 
 
 def _random_init_fix(method: str, field: str) -> str:
-    """The override that sets checkpoint field ``field`` to random init on purpose."""
+    """The override(s) that set checkpoint field ``field``, in backticks: random init on
+    purpose, and for IRN (whose default arch is the tiny ResNet) the ImageNet ResNet-50 too."""
     if field.startswith("irn."):
-        return f"{method}.irn={field[4:]}=none"
-    return f"{method}.{field}=none"
+        return (f"`{method}.irn={field[4:]}=none`, or `{method}.irn=arch=resnet50,{field[4:]}=auto` for the ImageNet "
+                f"ResNet-50 of the IRN paper")
+    return f"`{method}.{field}=none`"
 
 
 def check_sweep_weights(suite: Suite, overrides: Overrides, methods: dict[str, type], configs: dict[str, dict[str, Any]], real_data: bool,
@@ -91,7 +93,7 @@ def check_sweep_weights(suite: Suite, overrides: Overrides, methods: dict[str, t
             f"{'has' if len(unset) == 1 else 'have'} no pretrained weights set, so {'it' if len(unset) == 1 else 'they'} "
             f"would start from random initialisation. Set each to \"auto\" (the ImageNet checkpoint of the weights "
             f"registry, `wsss-bench weights list`), a checkpoint path, or \"none\" to train from random init on purpose "
-            f"(in the suite's [methods.<name>] table or as an override, e.g. `{unset[0][1]}`); "
+            f"(in the suite's [methods.<name>] table or as an override, e.g. {unset[0][1]}); "
             f"the report marks random-init rows."
         )
 

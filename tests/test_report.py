@@ -390,23 +390,25 @@ def test_runs_group_by_code_tree_not_by_commit(tmp_path):
 
 def test_oracle_threshold_of_one_is_named_all_background_not_past_the_range(tmp_path):
     """A sweep widened to 1.0 whose best threshold is 1.0 has no range left to raise: the
-    warning says the CAMs do no better than all background."""
+    warning says the CAMs do no better than all background; a best threshold of 0 is named too."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("wsss-bench/edge", artifact_location=(tmp_path / "art").as_uri())
-    for seed, best in ((0, 1.0), (1, 0.7)):
+    for seed, best, stop in ((0, 1.0, 1.0), (1, 0.7, 0.7), (2, 0.0, 0.6)):
         tags = {"wsss.trial_id": f"t{seed}", "wsss.method": "zeta", "wsss.dataset": "synthetic", "wsss.suite": "edge",
                 "wsss.seed": str(seed), "wsss.status": "finished", "wsss.code_tree": "t1"}
         rid = client.create_run(exp, tags=tags).info.run_id
         client.log_metric(rid, "val_miou_ss", 10.0)
         client.log_metric(rid, "cam_best_threshold", best)
-        client.log_metric(rid, "cam_threshold_stop", best)
+        client.log_metric(rid, "cam_threshold_stop", stop)
         client.set_terminated(rid)
     warnings = report.build_leaderboard(report.fetch_runs(uri), {}).warnings
     assert [w for w in warnings if "upper end" in w and "seed(s) 1;" in w]
     assert [w for w in warnings if "is 1.00 for seed(s) 0:" in w and "all-background" in w]
+    # ... and one at 0: every pixel its image's class, which measures the image labels
+    assert [w for w in warnings if "is 0.00 for seed(s) 2:" in w and "image label everywhere" in w]
 
 
 def test_runs_on_different_library_versions_are_separate_rows_naming_them(tmp_path):

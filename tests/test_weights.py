@@ -380,11 +380,12 @@ def test_irn_weights_in_the_sweep_checks():
     irn = {"refine": "irn", "irn": "arch=resnet50"}
     assert eval_weight_uses(irn) == [("irn.pretrained", "resnet50", None)]
     assert eval_weight_uses({"refine": "none", "irn": "arch=resnet50"}) == []
-    with pytest.raises(ConfigError, match=r"cam\.irn\.pretrained \(resnet50\) has no pretrained .* `cam\.irn=pretrained=none`"):
+    with pytest.raises(ConfigError, match=r"cam\.irn\.pretrained \(resnet50\) has no pretrained .* `cam\.irn=pretrained=none`, "
+                                          r"or `cam\.irn=arch=resnet50,pretrained=auto`"):
         check_sweep_weights(suite, parse_overrides([]), {"cam": cls}, {"cam": config}, real_data=True, evals={"cam": irn})
     spelled = {"refine": "irn", "irn": merge_irn("arch=resnet50", "pretrained=none")}
     assert spelled["irn"] == {"arch": "resnet50", "pretrained": "none"}
     check_sweep_weights(suite, parse_overrides([]), {"cam": cls}, {"cam": config}, real_data=True, evals={"cam": spelled})
-    with pytest.raises(ConfigError, match="no ImageNet checkpoint is registered for architecture 'tiny'"):
+    with pytest.raises(ConfigError, match=r"arch='tiny' .* has none\. Set arch=resnet50 .*`adcam\.irn=arch=resnet50,pretrained=auto`"):
         irn_config({"irn": "pretrained=auto"})
     assert irn_config({"irn": {"arch": "resnet50", "pretrained": "auto"}}).pretrained == "auto"

@@ -119,8 +119,10 @@ def report_blocks(board: Leaderboard, plots: dict[str, Any] | None = None, galle
         out.append(("p", "**Protocol.** " + PROTOCOL))
         out.append(("p", "*No trial runs matched.*"))
         return out
-    out.append(("p", "mIoU in %, mean ± sample std over seeds (hover a cell for its 95% CI and n); rank 1 = best, '=' = not "
-                     "distinguishable from seed noise. The `baseline:` rows are trivial predictions scored on the same splits. The protocol, "
+    out.append(("p", "mIoU in %, mean ± sample std over seeds (hover a cell for its 95% CI and n); n = finished / expected seeds. "
+                     "Rank 1 = best; a row's rank is 1 + the number of rows distinguishably better than it (rows are listed by mean, so "
+                     "ranks need not increase down the table), '=' = not distinguishable from seed noise, '-' = fewer than 2 seeds. "
+                     "The `baseline:` rows are trivial predictions scored on the same splits. The protocol, "
                      "warnings and every other table are below the headline tables."))
     for suite, dataset in sections(board):
         out += _headline_blocks(board, suite, dataset, plots)

@@ -307,6 +307,11 @@ def build_leaderboard(
             warnings.append(f"{suite}/{dataset}: **{label}**: the oracle CAM threshold is 1.00 for seed(s) "
                             f"{' '.join(map(str, all_background))}: every pixel background scores best, so its CAMs do no better "
                             "than the all-background baseline at any threshold.")
+        every_pixel = _oracle_threshold_at_zero(done)
+        if every_pixel:
+            warnings.append(f"{suite}/{dataset}: **{label}**: the oracle CAM threshold is 0.00 for seed(s) "
+                            f"{' '.join(map(str, every_pixel))}: labelling every pixel with a present class scores best, so its CAM* "
+                            "measures the image labels, not localisation (compare the *image label everywhere* baseline).")
         if missing and seeds:
             failed_seeds = sorted(int(s) for s in failed_here["seed"])
             note = f" (failed or unfinished: {' '.join(map(str, failed_seeds))})" if failed_seeds else ""
@@ -403,6 +408,13 @@ def _oracle_threshold_at_sweep_end(done: pd.DataFrame) -> list[int]:
         if stop is not None and not pd.isna(best) and abs(float(best) - float(stop)) < 1e-9:
             seeds.append(int(run["seed"]))
     return sorted(seeds)
+
+
+def _oracle_threshold_at_zero(done: pd.DataFrame) -> list[int]:
+    """Seeds whose best CAM threshold is 0: every pixel takes its strongest present class."""
+    if "cam_best_threshold" not in done:
+        return []
+    return sorted(int(r["seed"]) for _, r in done.iterrows() if not pd.isna(r["cam_best_threshold"]) and float(r["cam_best_threshold"]) <= 1e-9)
 
 
 def _display_uri(uri: str) -> str:

@@ -148,7 +148,7 @@ SOURCES: dict[str, WeightSource] = {
         WeightSource(
             "resnet50", "ResNet-50 ImageNet-1k (torchvision IMAGENET1K_V1)", "resnet50-0676ba61.pth", "url",
             url="https://download.pytorch.org/models/resnet50-0676ba61.pth", sha256="0676ba61",
-            checksum_note=_TORCH_HUB_PREFIX,
+            checksum_note=_TORCH_HUB_PREFIX, note="DeepLab-V2 R50 and IRN's backbone (irn.pretrained with arch=resnet50)",
         ),
     )
 }
