@@ -72,22 +72,17 @@ def images_per_second(split, augment, batch: int, masks: bool, workers: int, ima
     return steps * batch / (time.perf_counter() - start)
 
 
-def labelled_view(data: Path, out: Path) -> Path:
+def labelled_view(data: Path, out: Path, split) -> Path:
     """A VOC2012 folder in ``out`` whose JPEGImages / SegmentationClass / ImageSets link to
-    ``data``'s, plus a ``cls_labels.npy`` of each mask's present classes (as full VOC's XML
-    annotations give them)."""
+    ``data``'s, plus a ``cls_labels.npy`` of ``split``'s image-level labels as the reader
+    derives them from the masks (as full VOC's XML annotations give them)."""
     import numpy as np
-    from PIL import Image
 
     view = out / "VOC2012"
     view.mkdir(parents=True, exist_ok=True)
     for name in ("JPEGImages", "SegmentationClass", "ImageSets"):
         (view / name).symlink_to(data / name)
-    labels = {}
-    for path in sorted((data / "SegmentationClass").glob("*.png")):
-        present = np.unique(np.asarray(Image.open(path)))
-        labels[path.stem] = np.isin(np.arange(1, 21), present).astype(np.float32)
-    np.save(view / "cls_labels.npy", labels)
+    np.save(view / "cls_labels.npy", {sample_id: split[i].labels for i, sample_id in enumerate(split.ids)})
     return view
 
 
@@ -112,7 +107,7 @@ def main() -> None:
     cases = [("masks", split)]
     if args.label_file:
         scratch = tempfile.TemporaryDirectory(prefix="wsss-perf-labels-")
-        view = labelled_view(args.data, Path(scratch.name))
+        view = labelled_view(args.data, Path(scratch.name), split)
         cases.append(("file", create_dataset("voc", view, Path(scratch.name) / "cache", {}).split("train")))
     for labels, source in cases:
         for name, (augment, batch, masks, samples) in recipes(suite).items():

@@ -154,10 +154,6 @@ class Summary:
     ci_high: float
     level: float = 0.95
 
-    @property
-    def half_width(self) -> float:
-        return (self.ci_high - self.ci_low) / 2.0
-
 
 def summarize(values: Iterable[float], level: float = 0.95, bounds: tuple[float, float] | None = None) -> Summary:
     """Summary of the non-NaN values (n counts only those). ``bounds`` (low, high): the range

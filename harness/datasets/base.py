@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 
 from harness.errors import ConfigError, DataError, suggest, unknown
-from harness.files import atomic_write_bytes
 from methods.base import IGNORE_INDEX, DatasetInfo, Sample, add_to_registry
 
 SampleReader = Callable[[str], Sample]

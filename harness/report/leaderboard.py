@@ -43,12 +43,6 @@ RANK_METRICS: tuple[str, ...] = ("cam_miou", "cam_miou_fixed", "mask_miou", "val
 
 THRESHOLD_METRICS: tuple[str, ...] = ("cam_best_threshold", "cam_fixed_threshold")  # shown with 2 decimals
 
-
-def metric_bounds(metric: str) -> tuple[float, float]:
-    """The range a quality metric cannot leave (its confidence interval is clipped to it):
-    thresholds 0..1, mIoU 0..100 (%)."""
-    return (0.0, 1.0) if metric in THRESHOLD_METRICS else (0.0, 100.0)
-
 COST_STAGES: tuple[str, ...] = STAGES + ("total",)
 
 TRAIN_STAGES: tuple[str, ...] = ("train_cam", "pseudo_masks", "train_seg")
@@ -109,6 +103,12 @@ class Leaderboard:
     @property
     def empty(self) -> bool:
         return self.table.empty and self.failed.empty
+
+
+def metric_bounds(metric: str) -> tuple[float, float]:
+    """The range a quality metric cannot leave (its confidence interval is clipped to it):
+    thresholds 0..1, mIoU / IoU 0..100 (%)."""
+    return (0.0, 1.0) if metric in THRESHOLD_METRICS else (0.0, 100.0)
 
 
 def _variant_labels(frame: pd.DataFrame) -> pd.Series:
@@ -296,7 +296,8 @@ def build_leaderboard(
         row_keys.append(key)
         per_class_rows += _per_class(done, row)
         at_edge = _oracle_threshold_at_sweep_end(done)
-        best = dict(zip(done["seed"].astype(int), done["cam_best_threshold"])) if at_edge else {}
+        best = {int(seed): float(t) for seed, t in zip(done["seed"], done["cam_best_threshold"]) if not pd.isna(t)} \
+            if "cam_best_threshold" in done else {}
         all_background = [seed for seed in at_edge if best[seed] >= 1.0 - 1e-9]  # nothing left to widen
         past = [seed for seed in at_edge if seed not in all_background]
         if past:
@@ -307,7 +308,7 @@ def build_leaderboard(
             warnings.append(f"{suite}/{dataset}: **{label}**: the oracle CAM threshold is 1.00 for seed(s) "
                             f"{' '.join(map(str, all_background))}: every pixel background scores best, so its CAMs do no better "
                             "than the all-background baseline at any threshold.")
-        every_pixel = _oracle_threshold_at_zero(done)
+        every_pixel = sorted(seed for seed, t in best.items() if t <= 1e-9)  # every pixel its strongest present class
         if every_pixel:
             warnings.append(f"{suite}/{dataset}: **{label}**: the oracle CAM threshold is 0.00 for seed(s) "
                             f"{' '.join(map(str, every_pixel))}: labelling every pixel with a present class scores best, so its CAM* "
@@ -410,13 +411,6 @@ def _oracle_threshold_at_sweep_end(done: pd.DataFrame) -> list[int]:
     return sorted(seeds)
 
 
-def _oracle_threshold_at_zero(done: pd.DataFrame) -> list[int]:
-    """Seeds whose best CAM threshold is 0: every pixel takes its strongest present class."""
-    if "cam_best_threshold" not in done:
-        return []
-    return sorted(int(r["seed"]) for _, r in done.iterrows() if not pd.isna(r["cam_best_threshold"]) and float(r["cam_best_threshold"]) <= 1e-9)
-
-
 def _display_uri(uri: str) -> str:
     """A SQLite store under the working directory is shown relative to it (committed reports
     should not carry one machine's absolute paths)."""
@@ -516,7 +510,7 @@ def _per_class(done: pd.DataFrame, row: dict[str, Any]) -> list[dict[str, Any]]:
         prefix = f"iou_{what}/"
         classes = sorted((c[len(prefix):] for c in done.columns if c.startswith(prefix) and done[c].notna().any()), key=_class_sort_key)
         for name in classes:
-            summary = stats.summarize(done[prefix + name], bounds=(0.0, 100.0))  # IoU in %
+            summary = stats.summarize(done[prefix + name], bounds=metric_bounds(prefix + name))
             out.append({"suite": row["suite"], "dataset": row["dataset"], "label": row["label"], "method": row["method"],
                         "variant": row["variant"], "code_version": row["code_version"], "what": what, "class": name,
                         "n": summary.n, "mean": summary.mean, "std": summary.std, "ci_low": summary.ci_low, "ci_high": summary.ci_high})
