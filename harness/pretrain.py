@@ -23,8 +23,11 @@ Training: cross-entropy with label smoothing on the corpus (the Conformer: the m
 and transformer heads' losses, as its paper trains), AdamW, linear warm-up + cosine decay,
 random rescale / crop / flip, ImageNet normalisation, batches from
 ``methods.common.loop.ResumableLoop`` (seeded per (seed, epoch, index); an interrupted build
-resumes from its work directory). Weight init is seeded from (seed, arch). On CPU with the
-same thread count the same seed gives the same checkpoint bytes.
+resumes from its work directory). Weight init is seeded from (seed, arch). A build trains on
+one torch thread whatever the process uses (a thread count splits float sums differently), so
+the same seed gives the same checkpoint bytes on any machine with the same library versions
+(and vector units); ``wsss-bench run`` builds the missing ones in parallel processes
+(:func:`build_missing`).
 
 Concurrency: a builder holds an exclusive ``fcntl`` lock on ``.<arch>-<key>.lock`` while it
 trains; a second process asking for the same checkpoint waits on the lock and then finds the
@@ -37,11 +40,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -64,7 +69,7 @@ from methods.common.mit import MIT_ARCHS, MixVisionTransformer, official_mit_key
 from methods.common.training import CropAugment, normalize, seeded, set_lr, warmup_cosine_lr
 from methods.common.vit import VIT_ARCHS
 
-PRETRAIN_VERSION = 2  # bump when the training code changes what a checkpoint holds
+PRETRAIN_VERSION = 3  # bump when the training code changes what a checkpoint holds
 VAL_PER_CLASS = 8  # held-out images per class for the recorded accuracy
 CHECKPOINT_EVERY_S = 60.0  # an interrupted build resumes from its last mid-build checkpoint ...
 CHECKPOINT_EVERY_STEPS = 0  # ... written this often (0: by time only)
@@ -223,15 +228,20 @@ def ensure_pretrained(
         log(f"pretraining {arch} on the synthetic corpus (seed {seed}; first use, cached afterwards) -> {target}")
         workdir = target.parent / f".{target.stem}.work"
         workdir.mkdir(exist_ok=True)
-        with measure(torch.device("cpu")) as cost:
-            checkpoint, stats = train_backbone(arch, family, options, recipe, seed, workdir)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread on every machine: float sums split per thread change the bytes
+        try:
+            with measure(torch.device("cpu")) as cost:
+                checkpoint, stats = train_backbone(arch, family, options, recipe, seed, workdir)
+        finally:
+            torch.set_num_threads(threads)
         stats.update(wall_s=round(cost.wall_s, 1), cpu_s=round(cost.cpu_s, 1))
         staged = target.with_name(target.name + ".tmp")
         torch.save(checkpoint, staged)
         record = {
             "arch": arch, "family": family, "seed": seed, "corpus": options, "recipe": asdict(recipe),
             "version": PRETRAIN_VERSION, "file": target.name, "file_sha256": registry.sha256_file(staged),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "threads": 1,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **stats,
         }
         json_tmp = target.with_suffix(".json.tmp")
@@ -316,6 +326,25 @@ def default_build() -> tuple[dict[str, Any], Recipe]:
     if os.environ.get("WSSS_PRETRAIN", "").strip().lower() == "tiny":
         return dict(TINY_CORPUS), TINY_RECIPE
     return {}, Recipe()
+
+
+def build_missing(pairs: list[tuple[str, int]], cache_root: Path, workers: int = 1, log: Log = _stderr) -> None:
+    """Build the not yet cached ``pretrained = "synthetic"`` checkpoints of (architecture,
+    seed) pairs under ``<cache_root>/pretrained``, up to ``workers`` at a time in spawned
+    processes. Each build trains on one thread, so the bytes equal those of a serial build.
+    Errors: WeightsError (raised again here) for an architecture without a recipe."""
+    directory = Path(cache_root) / "pretrained"
+    corpus, recipe = default_build()
+    missing = [(a, s) for a, s in dict.fromkeys(pairs) if not checkpoint_path(directory, a, s, corpus, recipe).is_file()]
+    if workers <= 1 or len(missing) <= 1:
+        for arch, seed in missing:
+            ensure_pretrained(arch, directory, seed, corpus, recipe, log=log)
+        return
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pool
+    with ProcessPoolExecutor(max_workers=min(workers, len(missing)), mp_context=spawn) as pool:
+        builds = [pool.submit(ensure_pretrained, arch, directory, seed, corpus, recipe) for arch, seed in missing]
+        for build in builds:
+            build.result()
 
 
 def install(cache_root: Path, log: Log = _stderr) -> None:

@@ -10,11 +10,13 @@ from a data root (``synthetic`` generates its data and has none).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 from harness.config import Overrides, Suite, TrialSpec
 from harness.errors import ConfigError, suggest
+from harness.pretrain import build_missing as build_missing_pretrained
 from harness.pretrain import family_of
 from harness.pretrain import install as install_pretraining
 from harness.refine import irn_config, irn_settings, refine_name
@@ -126,16 +128,16 @@ def fetch_sweep_weights(specs: list[TrialSpec], methods: dict[str, type], log: C
     Errors: ConfigError with the registry's message (offline, manual source, checksum)."""
     if pretrain_cache is not None:
         install_pretraining(pretrain_cache, log=log)
-        wanted: list[tuple[str, str]] = []  # (architecture, value), each once
+        wanted: list[tuple[str, int]] = []  # (architecture, pretraining seed), each once
         for spec in specs:
             for _, arch, value in trial_weight_uses(spec, methods):
-                if registry.synthetic_seed(value) is not None and (arch, str(value)) not in wanted:
-                    wanted.append((arch, str(value)))
-        for arch, value in wanted:
-            try:
-                registry.resolve(value, arch)
-            except registry.WeightsError as exc:
-                raise ConfigError(str(exc)) from None
+                seed = registry.synthetic_seed(value)
+                if seed is not None and (arch, seed) not in wanted:
+                    wanted.append((arch, seed))
+        try:
+            build_missing_pretrained(wanted, pretrain_cache, workers=len(os.sched_getaffinity(0)), log=log)
+        except registry.WeightsError as exc:
+            raise ConfigError(str(exc)) from None
     seen: list[registry.WeightSource] = []
     for spec in specs:
         seen += [s for s in trial_sources(spec, methods) if s not in seen]

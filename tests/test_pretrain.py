@@ -152,6 +152,48 @@ def test_same_seed_same_bytes(tmp_path):
     assert a.read_bytes() != c.read_bytes()
 
 
+def test_build_trains_on_one_thread_whatever_the_process_uses(tmp_path):
+    """The checkpoint must not depend on the machine's core count: the build runs on one
+    torch thread (recorded as such) and gives the caller's thread count back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: list[int] = []
+        real = pretrain.normalize
+
+        def spy(images):
+            seen.append(torch.get_num_threads())
+            return real(images)
+
+        pretrain.normalize = spy
+        try:
+            path = _build("vit_synth", tmp_path)
+        finally:
+            pretrain.normalize = real
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        assert json.loads(path.with_suffix(".json").read_text())["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow  # spawned interpreters importing torch: ~15 s
+def test_parallel_builds_equal_serial_ones(tmp_path, monkeypatch):
+    """build_missing with two workers writes the same bytes as builds in this process, and
+    builds nothing that is cached."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setattr(pretrain, "default_build", lambda: (dict(SMALL), QUICK))
+    pairs = [("vit_synth", 0), ("vit_synth", 1), ("vit_synth", 0)]  # a repeat is built once
+    pretrain.build_missing(pairs, tmp_path / "serial", workers=1, log=lambda text: None)
+    pretrain.build_missing(pairs, tmp_path / "parallel", workers=2, log=lambda text: None)
+    for seed in (0, 1):
+        serial = checkpoint_path(tmp_path / "serial" / "pretrained", "vit_synth", seed, SMALL, QUICK)
+        parallel = checkpoint_path(tmp_path / "parallel" / "pretrained", "vit_synth", seed, SMALL, QUICK)
+        assert serial.read_bytes() == parallel.read_bytes()
+    logs: list[str] = []
+    pretrain.build_missing(pairs, tmp_path / "parallel", workers=2, log=logs.append)
+    assert logs == []
+
+
 def test_interrupted_build_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     """A build killed after 2 of 4 steps resumes from its work directory (ResumableLoop) and
     writes the same checkpoint bytes as an uninterrupted build."""
