@@ -286,6 +286,9 @@ def test_cli_filter_and_experiment(uri, tmp_path, capsys):
     assert main(["report", "--tracking-uri", uri, "--results", str(tmp_path), "--out", str(out), "--no-gallery", "--no-plots",
                  "--filter", "tags.`wsss.method` = 'beta'"]) == 0
     assert list(pd.read_csv(out / "leaderboard.csv")["label"]) == ["beta"]
+    # The filter's own backticks need a longer code fence (markdown) and stay inside one <code>.
+    assert "filter `` tags.`wsss.method` = 'beta' ``;" in (out / "leaderboard.md").read_text()
+    assert "filter <code>tags.`wsss.method` = 'beta'</code>;" in (out / "leaderboard.html").read_text()
     assert main(["report", "--tracking-uri", uri, "--results", str(tmp_path), "--out", str(out), "--no-gallery", "--no-plots",
                  "--experiment", "wsss-bench/other"]) == 0
     assert list(pd.read_csv(out / "leaderboard.csv")["suite"]) == ["other"]

@@ -21,10 +21,11 @@ TEMPLATE = "leaderboard.html.j2"
 
 
 def inline(text: str) -> str:
-    """Escape ``text`` and turn its **bold**, *italic* and `code` marks into tags."""
+    """Escape ``text`` and turn its **bold**, *italic* and `code` marks into tags (a code span
+    fenced by two backticks and a space may hold backticks, as in markdown)."""
     text = str(text).replace("\\*", "\x00")
     out = html.escape(text, quote=False)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"`` (.+?) ``|`([^`]+)`", lambda m: f"<code>{m.group(1) or m.group(2)}</code>", out)
     out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
     out = re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"<em>\1</em>", out)
     return out.replace("\x00", "*")

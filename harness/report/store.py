@@ -137,7 +137,9 @@ def _describe_selection(suites, experiments, filter_string) -> str:
     if experiments:
         parts.append("experiments " + ", ".join(experiments))
     if filter_string:
-        parts.append(f"filter `{filter_string}`")
+        # A filter quotes names in backticks: a code span around it needs a longer fence.
+        fence = "`` " if "`" in filter_string else "`"
+        parts.append(f"filter {fence}{filter_string}{fence[::-1]}")
     return "; ".join(parts) or "every wsss-bench experiment"
 
 
