@@ -177,7 +177,13 @@ def _check_shared_overrides(overrides: Overrides, registry: dict, methods: list[
         if key in every:
             continue
         exact = [name for name in scoped if name.split(".", 1)[1] == key]
-        hint = f" Did you mean `{exact[0]}={overrides.shared[key]}`?" if exact else suggest(key, sorted(every) + scoped)
+        owners = sorted(m for m in registry if key in _fields(registry[m]))
+        if owners:  # a real field, of methods not selected: say so rather than suggest a near name
+            hint = f" It is a field of {', '.join(owners)} (not selected): drop it, or select one of them."
+        elif exact:
+            hint = f" Did you mean `{exact[0]}={overrides.shared[key]}`?"
+        else:
+            hint = suggest(key, sorted(every) + scoped)
         raise ConfigError(f"Override `{key}` is not a field of any selected method ({', '.join(methods)}).{hint} "
                           "A bare key=value sets a method hyper-parameter; dataset and evaluation options take the "
                           "`dataset.` / `eval.` prefix (`wsss-bench list` shows the dataset options).")

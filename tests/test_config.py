@@ -76,6 +76,15 @@ def test_bare_unknown_override_suggests_no_option_that_does_not_exist(tmp_path):
     assert "Did you mean" not in str(info.value) and "dataset.foo" not in str(info.value)
 
 
+def test_a_bare_override_of_an_unselected_methods_field_names_its_owners(tmp_path):
+    """`seg_pretrained` exists (cam, weaktr, adcam) but not for afa alone: the message says whose
+    field it is instead of suggesting the near `pretrained` the user may have set already."""
+    with pytest.raises(ConfigError) as info:
+        _plan(tmp_path, methods=("afa",), overrides=Overrides(dataset=dict(TINY), shared={"seg_pretrained": "synthetic"}))
+    assert "It is a field of adcam, cam, weaktr (not selected)" in str(info.value)
+    assert "Did you mean" not in str(info.value)
+
+
 def test_unknown_suite_and_bad_suite_file(tmp_path):
     with pytest.raises(ConfigError, match='Did you mean "synthetic"'):
         load_suite("synthetc")

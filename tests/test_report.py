@@ -489,3 +489,37 @@ def test_the_variant_run_with_the_suites_recipe_is_marked_in_the_legend(tmp_path
     assert board.legends[("rec", "synthetic")] == [("cam·v1", "epochs=2 (the suite's recipe)"), ("cam·v2", "epochs=5")]
     plain = report.build_leaderboard(report.fetch_runs(uri), {})
     assert plain.legends[("rec", "synthetic")] == [("cam·v1", "epochs=2"), ("cam·v2", "epochs=5")]
+
+
+def test_settings_every_row_shares_off_the_suites_recipe_are_stated(tmp_path):
+    """A report of runs that all load pretrained=synthetic (one row per method, so the variant
+    legend is empty) still says so: the departure from the suite's recipe is listed once per
+    method, and not for a method whose runs follow the recipe."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from harness.config import Suite
+    from harness.report.document import report_blocks
+    from harness.sweep import recipe_params
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("wsss-bench/dep", artifact_location=(tmp_path / "art").as_uri())
+    suite = Suite(name="dep", dataset="synthetic", method_params={"cam": {"epochs": 2}})
+    recipe = recipe_params(suite, "cam")
+    for seed, pretrained in (("0", "synthetic"), ("1", "synthetic")):
+        tags = {"wsss.trial_id": f"cam-{seed}", "wsss.method": "cam", "wsss.dataset": "synthetic", "wsss.suite": "dep",
+                "wsss.seed": seed, "wsss.status": "finished", "wsss.code_tree": "t1"}
+        rid = client.create_run(exp, tags=tags).info.run_id
+        client.log_batch(rid, params=[Param(k, v) for k, v in {**recipe, "method.pretrained": pretrained}.items()])
+        client.log_metric(rid, "mask_miou", 10.0)
+        client.set_terminated(rid)
+    runs = report.fetch_runs(uri)
+    board = report.build_leaderboard(runs, {}, recipes={("dep", "cam"): recipe})
+    assert board.legends.get(("dep", "synthetic"), []) == []
+    assert board.departures[("dep", "synthetic")] == [("cam", "pretrained=synthetic")]
+    text = " ".join(str(b[1]) for b in report_blocks(board) if b[0] == "p")
+    assert "**Not the suite's recipe**: every row of a method shares these settings, which differ from the suite's: " \
+           "cam `pretrained=synthetic`." in text
+    same = report.build_leaderboard(runs, {}, recipes={("dep", "cam"): {**recipe, "method.pretrained": "synthetic"}})
+    assert same.departures == {}

@@ -103,6 +103,10 @@ BASELINE_SOURCE = {"cam_miou": "cam_eval_miou", "cam_miou_fixed": "cam_eval_miou
 COST_PLOT_SUFFIX = "mIoU vs training cost"
 
 
+def _runs(n: str) -> str:
+    return "1 run" if n == "1" else f"{n} runs"
+
+
 def report_blocks(board: Leaderboard, plots: dict[str, Any] | None = None, gallery: dict | None = None,
                   pairwise_metrics: list[str] | None = None) -> list[tuple]:
     """The report's content, independent of the output format, in the order a reader needs
@@ -114,7 +118,7 @@ def report_blocks(board: Leaderboard, plots: dict[str, Any] | None = None, galle
     out: list[tuple] = [("h1", "wsss-bench leaderboard")]
     if board.meta.get("tracking_uri"):
         out.append(("p", f"Generated {board.meta.get('generated', '')} from `{board.meta['tracking_uri']}` "
-                         f"({board.meta.get('selection', '')}; {board.meta.get('n_runs', '?')} runs)."))
+                         f"({board.meta.get('selection', '')}; {_runs(board.meta.get('n_runs', '?'))})."))
     if board.empty:
         out.append(("p", "**Protocol.** " + PROTOCOL))
         out.append(("p", "*No trial runs matched.*"))
@@ -240,6 +244,10 @@ def _headline_blocks(board: Leaderboard, suite: str, dataset: str, plots: dict[s
         cells += ["-"] + (["-"] if published else [])
         rows.append(cells)
     out.append(("table", head, rows, "main"))
+    departures = board.departures.get((suite, dataset), [])
+    if departures:
+        out.append(("p", "**Not the suite's recipe**: every row of a method shares these settings, which differ from the "
+                         "suite's: " + "; ".join(f"{method} `{text}`" for method, text in departures) + "."))
     legend = board.legends.get((suite, dataset), [])
     if legend:
         out.append(("p", "Variants (only the settings that differ between a method's configurations; the rest is the suite's "

@@ -99,6 +99,8 @@ class Leaderboard:
     # (suite, dataset, baseline) with <m>_mean columns; empty when the data was not at hand
     baselines: pd.DataFrame = field(default_factory=pd.DataFrame)
     legends: dict[tuple[str, str], list[tuple[str, str]]] = field(default_factory=dict)  # (suite, dataset) -> [(tag, settings)]
+    # (suite, dataset) -> [(method, settings)]: what all of a method's runs share that is not the suite's recipe
+    departures: dict[tuple[str, str], list[tuple[str, str]]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -348,7 +350,26 @@ def build_leaderboard(
     table["tag"], legends = _short_tags(table, _recipe_variants(runs, recipes or {}))
     table = table.reindex(columns=leaderboard_columns())
     return Leaderboard(table, failed, pairwise, pd.DataFrame(per_class_rows), runs_out, warnings, protocols, meta,
-                       baselines if baselines is not None else pd.DataFrame(), legends)
+                       baselines if baselines is not None else pd.DataFrame(), legends, _shared_departures(runs, recipes or {}))
+
+
+def _shared_departures(runs: pd.DataFrame, recipes: dict[tuple[str, str], dict[str, str]]) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """Per (suite, dataset): (method, "key=value, ...") for the settings every run of the
+    method shares and the suite's recipe does not (e.g. ``pretrained=synthetic`` on every row
+    of a report rendered with ``--filter``), which the variant legend, listing only what differs
+    between a method's rows, would leave unsaid. ``method.`` is dropped from the keys."""
+    out: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for (suite, dataset, method), group in runs.groupby(["suite", "dataset", "method"], sort=True):
+        recipe = recipes.get((suite, method))
+        if not recipe:
+            continue
+        configs = [json.loads(c) for c in group["config"]]
+        shared = sorted(k for k, v in recipe.items()
+                        if all(k in c for c in configs) and len({c[k] for c in configs}) == 1 and configs[0][k] != v)
+        if shared:
+            text = ", ".join(f"{k.removeprefix('method.')}={configs[0][k]}" for k in shared)
+            out.setdefault((suite, dataset), []).append((method, text))
+    return out
 
 
 def _recipe_variants(runs: pd.DataFrame, recipes: dict[tuple[str, str], dict[str, str]]) -> set[tuple[str, str, str, str]]:
