@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
+import os
 import platform
 from typing import Mapping
 
@@ -45,6 +46,14 @@ ENV_TAG = "wsss.env"
 ABSENT = "absent"
 # The order of the human-readable versions text (names not listed come after, sorted).
 _TEXT_ORDER: tuple[str, ...] = RESULT_LIBRARIES + ("python", "cuda", "cudnn", "cpu_threads")
+
+
+def cpu_count() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def distribution_version(name: str) -> str:

@@ -10,11 +10,11 @@ from a data root (``synthetic`` generates its data and has none).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 from harness.config import Overrides, Suite, TrialSpec
+from harness.environment import cpu_count
 from harness.errors import ConfigError, suggest
 from harness.pretrain import build_missing as build_missing_pretrained
 from harness.pretrain import family_of
@@ -128,14 +128,10 @@ def fetch_sweep_weights(specs: list[TrialSpec], methods: dict[str, type], log: C
     Errors: ConfigError with the registry's message (offline, manual source, checksum)."""
     if pretrain_cache is not None:
         install_pretraining(pretrain_cache, log=log)
-        wanted: list[tuple[str, int]] = []  # (architecture, pretraining seed), each once
-        for spec in specs:
-            for _, arch, value in trial_weight_uses(spec, methods):
-                seed = registry.synthetic_seed(value)
-                if seed is not None and (arch, seed) not in wanted:
-                    wanted.append((arch, seed))
+        uses = [(arch, registry.synthetic_seed(value)) for spec in specs for _, arch, value in trial_weight_uses(spec, methods)]
+        wanted = [(arch, seed) for arch, seed in uses if seed is not None]  # (architecture, pretraining seed); repeats built once
         try:
-            build_missing_pretrained(wanted, pretrain_cache, workers=len(os.sched_getaffinity(0)), log=log)
+            build_missing_pretrained(wanted, pretrain_cache, workers=cpu_count(), log=log)
         except registry.WeightsError as exc:
             raise ConfigError(str(exc)) from None
     seen: list[registry.WeightSource] = []

@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from harness.environment import cpu_count
 from harness.errors import ConfigError
 
 
@@ -52,13 +53,6 @@ def visible_gpus() -> list[str]:
         return [str(i) for i in range(torch.cuda.device_count())]
     except Exception:  # noqa: BLE001 - no torch / no driver: no GPUs
         return []
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def plan_slots(max_parallel: int, device: str, devices: list[str] | None = None, gpus_per_trial: int | None = None,
