@@ -162,21 +162,29 @@ def test_timm_cam_augment_posterizes_zero_bits_to_black_instead_of_crashing():
         augment(image, None, torch.Generator().manual_seed(seed))
 
 
-def test_resize_mask_copies_the_pixels_torch_nearest_picks():
-    """Hand case: 3 -> 5 columns takes source 0, 0, 1, 1, 2 (floor(i * 0.6)); 4 -> 2 takes 0, 2.
-    Then the same pixels as F.interpolate(mode="nearest") on many random sizes, 2x included."""
+def test_resized_mask_windows_are_the_pixels_torch_nearest_and_padding_give():
+    """Hand case: 3 -> 5 columns takes source 0, 0, 1, 1, 2 (floor(i * 0.6)); 4 -> 2 takes 0, 2;
+    padding to a 6-wide crop adds one 255 column. Then, on many random sizes (2x included)
+    and windows, the same pixels as F.interpolate(mode="nearest") + F.pad(255) + slicing."""
     import torch.nn.functional as F
 
-    from methods.common.training import nearest_source_index, resize_mask
+    from methods.common.training import ResizedMask, nearest_source_index
 
     assert nearest_source_index(3, 5).tolist() == [0, 0, 1, 1, 2]
     assert nearest_source_index(4, 2).tolist() == [0, 2]
-    mask = torch.tensor([[1, 2, 3]], dtype=torch.uint8)
-    assert resize_mask(mask, (2, 5)).tolist() == [[1, 1, 2, 2, 3]] * 2
+    hand = ResizedMask(torch.tensor([[1, 2, 3]], dtype=torch.uint8), (2, 5), crop=6)
+    assert hand.shape == (6, 6)
+    assert hand.window(slice(0, 3), slice(0, 6)).tolist() == [[1, 1, 2, 2, 3, 255]] * 2 + [[255] * 6]
     gen = torch.Generator().manual_seed(0)
     for trial in range(300):
-        h, w = (int(v) for v in torch.randint(1, 200, (2,), generator=gen))
+        h, w, crop = (int(v) for v in torch.randint(1, 200, (3,), generator=gen))
         size = (2 * h, 2 * w) if trial % 10 == 0 else tuple(int(v) for v in torch.randint(1, 500, (2,), generator=gen))
         mask = torch.randint(0, 256, (h, w), generator=gen, dtype=torch.uint8)
-        expected = F.interpolate(mask[None, None], size=size, mode="nearest")[0, 0]
-        assert torch.equal(resize_mask(mask, size), expected), (h, w, size)
+        full = F.interpolate(mask[None, None], size=size, mode="nearest")[0, 0]
+        full = F.pad(full, (0, max(0, crop - size[1]), 0, max(0, crop - size[0])), value=255)
+        resized = ResizedMask(mask, size, crop)
+        assert resized.shape == tuple(full.shape)
+        top = int(torch.randint(0, full.shape[0] - crop + 1, (), generator=gen))
+        left = int(torch.randint(0, full.shape[1] - crop + 1, (), generator=gen))
+        rows, cols = slice(top, top + crop), slice(left, left + crop)
+        assert torch.equal(resized.window(rows, cols), full[rows, cols]), (h, w, size, crop)

@@ -58,28 +58,44 @@ def nearest_source_index(n_in: int, n_out: int) -> np.ndarray:
     return np.minimum(index, n_in - 1)
 
 
-def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a uint8 (H, W) label mask to ``size``: the same pixels as
-    ``F.interpolate(mask[None, None], size, mode="nearest")``, gathered with numpy indexing
-    (about 3x faster on one core: torch's uint8 nearest kernel is not vectorised)."""
-    if tuple(mask.shape[-2:]) == tuple(size):
-        return mask
-    rows, cols = nearest_source_index(mask.shape[0], size[0]), nearest_source_index(mask.shape[1], size[1])
-    return torch.from_numpy(mask.numpy()[rows][:, cols])  # rows first: two contiguous gathers
+class ResizedMask:
+    """A uint8 (H, W) label mask as if nearest-resized to ``size`` (the pixels of
+    ``F.interpolate(mask[None, None], size, mode="nearest")``) and padded bottom / right with
+    255 to at least ``crop`` x ``crop``, whose windows are gathered from the source on demand.
+
+    A random crop (and WeakTr's ``cat_max_ratio`` retries) reads a few crop-sized windows, so
+    the whole resized mask (up to 4x the source's pixels) is never built; each window is the
+    same pixels as slicing the resized, padded mask (tests check equality on many sizes)."""
+
+    def __init__(self, mask: torch.Tensor, size: tuple[int, int], crop: int) -> None:
+        h, w = mask.shape
+        # One extra row and column of 255 stand for the padding: padded indices point there.
+        self._source = np.pad(mask.numpy(), ((0, 1), (0, 1)), constant_values=IGNORE_INDEX)
+        self._rows = np.concatenate([nearest_source_index(h, size[0]), np.full(max(0, crop - size[0]), h)])
+        self._cols = np.concatenate([nearest_source_index(w, size[1]), np.full(max(0, crop - size[1]), w)])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H', W'): the resized, padded size."""
+        return len(self._rows), len(self._cols)
+
+    def window(self, rows: slice, cols: slice) -> torch.Tensor:
+        """The (rows, cols) window, uint8, C-contiguous (``take`` keeps C order; ``a[r][:, c]``
+        would return a column-major array)."""
+        return torch.from_numpy(self._source.take(self._rows[rows], 0).take(self._cols[cols], 1))
 
 
-def pad_to(image: torch.Tensor, mask: torch.Tensor | None, crop: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Pad (bottom / right) a uint8 (3, H, W) image with 0 and its mask with 255 to at least
-    ``crop`` x ``crop``; also returns ``valid`` (H', W') bool, False on the padding."""
+def pad_to(image: torch.Tensor, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (bottom / right) a uint8 (3, H, W) image with 0 to at least ``crop`` x ``crop``;
+    also returns ``valid`` (H', W') bool, False on the padding (a mask pads with 255:
+    :class:`ResizedMask`)."""
     h, w = image.shape[-2:]
     ph, pw = max(0, crop - h), max(0, crop - w)
     valid = torch.ones(h, w, dtype=torch.bool)
     if ph or pw:
         image = F.pad(image, (0, pw, 0, ph), value=0)
         valid = F.pad(valid, (0, pw, 0, ph), value=False)
-        if mask is not None:
-            mask = F.pad(mask, (0, pw, 0, ph), value=IGNORE_INDEX)
-    return image, mask, valid
+    return image, valid
 
 
 def random_window(shape: tuple[int, int], crop: int, gen: torch.Generator) -> tuple[slice, slice]:
@@ -117,12 +133,10 @@ class CropAugment:
         scale = lo + (hi - lo) * torch.rand((), generator=gen).item()
         h, w = image.shape[1:]
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        image = resize_uint8(image, size)
-        mask = resize_mask(mask, size) if mask is not None else None
-        image, mask, valid = pad_to(image, mask, self.crop)
+        image, valid = pad_to(resize_uint8(image, size), self.crop)
         rows, cols = random_window(tuple(image.shape[1:]), self.crop, gen)
         image, valid = image[:, rows, cols], valid[rows, cols]
-        mask = mask[rows, cols] if mask is not None else None
+        mask = ResizedMask(mask, size, self.crop).window(rows, cols) if mask is not None else None
         if self.flip and torch.rand((), generator=gen).item() < 0.5:
             image, valid = image.flip(-1), valid.flip(-1)
             mask = mask.flip(-1) if mask is not None else None

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from methods.base import IGNORE_INDEX
-from methods.common.training import IMAGENET_MEAN, IMAGENET_STD, pad_to, random_window, resize_mask, resize_uint8, to_float
+from methods.common.training import IMAGENET_MEAN, IMAGENET_STD, ResizedMask, pad_to, random_window, resize_uint8, to_float
 
 
 def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
@@ -48,7 +48,7 @@ def photometric_distortion(image: torch.Tensor, gen: torch.Generator) -> torch.T
 
 def _dominant_ratio(mask: torch.Tensor) -> tuple[float, int]:
     """(largest class share, number of classes) over the non-ignored pixels of a uint8 crop."""
-    counts = torch.bincount(mask.flatten(), minlength=IGNORE_INDEX + 1)[:IGNORE_INDEX]
+    counts = torch.bincount(mask.view(-1), minlength=IGNORE_INDEX + 1)[:IGNORE_INDEX]
     counts = counts[counts > 0]
     if counts.numel() == 0:
         return 1.0, 0
@@ -76,18 +76,20 @@ class SegAugment:
         base = self.base_size / min(h, w) if self.base_size else 1.0
         scale = base * _uniform(gen, *self.scale_range)
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        image = resize_uint8(image, size)
-        mask = resize_mask(mask, size) if mask is not None else None
-        image, mask, valid = pad_to(image, mask, self.crop)
+        image, valid = pad_to(resize_uint8(image, size), self.crop)
+        resized = ResizedMask(mask, size, self.crop) if mask is not None else None
+        out_mask = None
         for _ in range(10):
             rows, cols = random_window(tuple(image.shape[1:]), self.crop, gen)
-            if mask is None or self.cat_max_ratio >= 1.0:
+            if resized is None:
                 break
-            ratio, n = _dominant_ratio(mask[rows, cols])
+            out_mask = resized.window(rows, cols)
+            if self.cat_max_ratio >= 1.0:
+                break
+            ratio, n = _dominant_ratio(out_mask)
             if n > 1 and ratio < self.cat_max_ratio:
                 break
         out_img, valid = image[:, rows, cols], valid[rows, cols]
-        out_mask = mask[rows, cols] if mask is not None else None
         if _coin(gen):
             out_img, valid = out_img.flip(-1), valid.flip(-1)
             out_mask = out_mask.flip(-1) if out_mask is not None else None
