@@ -5,7 +5,10 @@ ranges, augmentation), reads the real VOC files of ``../shared/data/voc-mini`` (
 JPEG decoding included; its GT masks stand in for pseudo masks where a loop reads masks)
 through :func:`methods.common.data.training_batches` with 0, 1 and 2 DataLoader workers,
 and prints images per second and the loading hours each paper recipe would need at that rate
-(samples drawn = epochs x 10,582 train_aug images, or iterations x batch).
+(samples drawn = epochs x 10,582 train_aug images, or iterations x batch). Beside the 0-worker
+row, where one sample's time goes: ``read ms`` (decoding the files, and checking the mask and
+deriving labels where the loop reads one) and ``augment ms`` (the recipe's augmentation on
+already-decoded samples); their sum is the floor of a one-core loader.
 
     python benchmarks/perf_data.py
     python benchmarks/perf_data.py --workers 0 2 --images 200 --json data.json
@@ -38,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness.datasets import create_dataset  # noqa: E402
-from methods.common.data import training_batches  # noqa: E402
+from methods.common.data import AugmentedSamples, sample_generator, training_batches  # noqa: E402
 from methods.common.training import CropAugment  # noqa: E402
 from methods.weaktr.augment import SegAugment, TimmCamAugment  # noqa: E402
 
@@ -72,6 +75,21 @@ def images_per_second(split, augment, batch: int, masks: bool, workers: int, ima
     return steps * batch / (time.perf_counter() - start)
 
 
+def time_split(source, augment, masks: bool, images: int) -> tuple[float, float]:
+    """(ms to read one sample, ms to augment one decoded sample), over the first ``images``."""
+    source = AugmentedSamples(source, augment, 0, masks).source  # the reader the loader uses
+    n = min(images, len(source))
+    start = time.perf_counter()
+    samples = [source[i] for i in range(n)]
+    read = (time.perf_counter() - start) / n
+    inputs = [(torch.from_numpy(s.image.copy()).permute(2, 0, 1),
+               torch.from_numpy(s.mask.copy()) if masks and s.mask is not None else None) for s in samples]
+    start = time.perf_counter()
+    for i, (image, mask) in enumerate(inputs):
+        augment(image, mask, sample_generator(0, 0, i))
+    return 1e3 * read, 1e3 * (time.perf_counter() - start) / n
+
+
 def labelled_view(data: Path, out: Path, split) -> Path:
     """A VOC2012 folder in ``out`` whose JPEGImages / SegmentationClass / ImageSets link to
     ``data``'s, plus a ``cls_labels.npy`` of ``split``'s image-level labels as the reader
@@ -103,7 +121,7 @@ def main() -> None:
     suite = tomllib.loads((ROOT / "benchmarks" / "voc.toml").read_text())
     rows = []
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {len(split)} voc-mini train images")
-    print(f"{'loop':44s} {'workers':>7s} {'img/s':>8s} {'paper recipe: samples':>22s} {'loading h':>10s}")
+    print(f"{'loop':44s} {'workers':>7s} {'img/s':>8s} {'read ms':>8s} {'augment ms':>10s} {'paper recipe: samples':>22s} {'loading h':>10s}")
     cases = [("masks", split)]
     if args.label_file:
         scratch = tempfile.TemporaryDirectory(prefix="wsss-perf-labels-")
@@ -114,12 +132,15 @@ def main() -> None:
             if labels == "file" and masks:
                 continue  # reads masks either way
             loop = name if labels == "masks" else f"{name} [labels: file]"
+            read_ms, augment_ms = time_split(source, augment, masks, args.images)
             for workers in args.workers:
                 rate = images_per_second(source, augment, batch, masks, workers, args.images)
                 hours = samples / rate / 3600
+                parts = (read_ms, augment_ms) if workers == 0 else (None, None)
                 rows.append({"loop": loop, "workers": workers, "img_per_s": round(rate, 1), "samples": samples,
-                             "loading_hours": round(hours, 2)})
-                print(f"{loop:44s} {workers:7d} {rate:8.1f} {samples:22,d} {hours:10.2f}")
+                             "loading_hours": round(hours, 2), "read_ms": parts[0], "augment_ms": parts[1]})
+                shown = f"{read_ms:8.2f} {augment_ms:10.2f}" if workers == 0 else f"{'':8s} {'':10s}"
+                print(f"{loop:44s} {workers:7d} {rate:8.1f} {shown} {samples:22,d} {hours:10.2f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
