@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU figures of the real-scale benchmarks in one short run (about 5 minutes on an H200):
+# WeakTr's two training steps, the AD-CAM Conformer step and the AFA step with the loader
+# feeding it, each at the paper's sizes in fp32 and bf16, and the loaders with 0 / 4 / 8 workers.
+# Every figure goes to OUTDIR (one log per benchmark, plus nvidia-smi's view of the machine).
+#
+#   benchmarks/gpu_figures.sh OUTDIR [VOC2012-folder]     # default: ../shared/data/voc-mini/VOC2012
+#
+# Needs a CUDA machine with the project's environment (PYTHON, default python3). Backbones start
+# from random init: weights do not change the speed, and nothing is downloaded.
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_figures.sh OUTDIR [VOC2012-folder]}
+data=${2:-$(dirname "$0")/../../shared/data/voc-mini/VOC2012}
+py=${PYTHON:-python3}
+cd "$(dirname "$0")/.." || exit 2
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+status=0
+run() {  # run NAME SECONDS ARGS...: one benchmark, its output in OUTDIR/NAME.log, a time limit
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*" | tee -a "$out/summary.log"
+    timeout "$limit" "$py" "$@" > "$out/$name.log" 2>&1 || { echo "   failed or timed out (see $name.log)" | tee -a "$out/summary.log"; status=1; }
+    tail -n 12 "$out/$name.log" >> "$out/summary.log"
+}
+run weaktr 120 benchmarks/perf_weaktr.py --config paper --device cuda --bf16 --warmup 2 --iters 10 --json "$out/weaktr.json"
+run adcam_fp32 60 benchmarks/perf_adcam.py --part train --device cuda --arch conformer_s --crop 384 --batch 16 --warmup 2 --iters 10
+run adcam_bf16 60 benchmarks/perf_adcam.py --part train --device cuda --arch conformer_s --crop 384 --batch 16 --warmup 2 --iters 10 --bf16 --channels-last
+run afa_fp32 120 benchmarks/perf_afa.py --suite voc --data "$data" --device cuda --workers 8 --warmup 3 --steps 30
+run afa_bf16 120 benchmarks/perf_afa.py --suite voc --data "$data" --device cuda --workers 8 --warmup 3 --steps 30 --bf16
+run loaders 120 benchmarks/perf_data.py --data "$data" --workers 0 4 8 --images 512 --json "$out/loaders.json"
+exit $status
