@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the real-scale benchmarks in one short run (about 5 minutes on an H200):
+# The GPU figures of the real-scale benchmarks in one short run (each under a time limit, 10 min in all at most):
 # WeakTr's two training steps, the AD-CAM Conformer step and the AFA step with the loader
 # feeding it, each at the paper's sizes in fp32 and bf16, and the loaders with 0 / 4 / 8 workers.
 # Every figure goes to OUTDIR (one log per benchmark, plus nvidia-smi's view of the machine).
