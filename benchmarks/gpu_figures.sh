@@ -9,8 +9,8 @@
 # Needs a CUDA machine with the project's environment (PYTHON, default python3). Backbones start
 # from random init: weights do not change the speed, and nothing is downloaded.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_figures.sh OUTDIR [VOC2012-folder]}
-data=${2:-$(dirname "$0")/../../shared/data/voc-mini/VOC2012}
+out=$(realpath -m "${1:?usage: benchmarks/gpu_figures.sh OUTDIR [VOC2012-folder]}")  # absolute: we cd below
+data=$(realpath -m "${2:-$(dirname "$0")/../../shared/data/voc-mini/VOC2012}")
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.." || exit 2
 mkdir -p "$out"
