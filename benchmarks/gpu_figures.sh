@@ -6,13 +6,19 @@
 #
 #   benchmarks/gpu_figures.sh OUTDIR [VOC2012-folder]     # default: ../shared/data/voc-mini/VOC2012
 #
-# Needs a CUDA machine with the project's environment (PYTHON, default python3). Backbones start
-# from random init: weights do not change the speed, and nothing is downloaded.
+# Needs a CUDA machine with the project's environment: the Python of $PYTHON, else the repo's
+# .venv/bin/python (`make install`), else python3. Stops at once (exit 2) when that Python sees
+# no CUDA device. Backbones start from random init: weights do not change the speed, and
+# nothing is downloaded.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: benchmarks/gpu_figures.sh OUTDIR [VOC2012-folder]}")  # absolute: we cd below
 data=$(realpath -m "${2:-$(dirname "$0")/../../shared/data/voc-mini/VOC2012}")
-py=${PYTHON:-python3}
 cd "$(dirname "$0")/.." || exit 2
+py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_figures: $py has no torch or sees no CUDA device; nothing measured (set PYTHON to the project's Python)" >&2
+    exit 2
+fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1

@@ -177,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("perf_weaktr: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]  # "all": the ones present
     configs = list(CONFIGS) if args.config == "all" else [args.config]
     rows: list[Row] = []
     for dev in devices:

@@ -3,11 +3,13 @@ tests only check that they still run end to end on the smallest setting)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,5 +29,11 @@ def test_perf_afa_runs_one_synthetic_step_fed_by_the_loader():
     assert iterations == "400"  # the synthetic recipe's AFA iterations
 
 
-def test_gpu_figures_script_is_valid_bash():
-    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_figures.sh")]).returncode == 0
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script would run its 10-minute measurement")
+def test_gpu_figures_stops_at_once_without_a_cuda_device(tmp_path):
+    """No GPU: exit 2 with a one-line reason before any benchmark runs (no half-empty logs)."""
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_figures.sh"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 2
+    assert "sees no CUDA device" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
