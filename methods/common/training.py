@@ -64,8 +64,9 @@ class ResizedMask:
     255 to at least ``crop`` x ``crop``, whose windows are gathered from the source on demand.
 
     A random crop (and WeakTr's ``cat_max_ratio`` retries) reads a few crop-sized windows, so
-    the whole resized mask (several times the source's pixels at large scales) is never built; each window is the
-    same pixels as slicing the resized, padded mask (tests check equality on many sizes)."""
+    the whole resized mask (several times the source's pixels at large scales) is never
+    built; each window is the same pixels as slicing the resized, padded mask (tests check
+    equality on many sizes)."""
 
     def __init__(self, mask: torch.Tensor, size: tuple[int, int], crop: int) -> None:
         h, w = mask.shape
