@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from methods.base import Sample, StageContext
-from methods.common.data import batches_per_epoch, epoch_order, training_batches
+from methods.common.data import StepKeys, batches_per_epoch, epoch_order, training_batches
 from methods.common.loop import ResumableLoop
 from methods.common.training import CropAugment
 from methods.weaktr.augment import SegAugment
@@ -188,3 +188,16 @@ def test_resized_mask_windows_are_the_pixels_torch_nearest_and_padding_give():
         left = int(torch.randint(0, full.shape[1] - crop + 1, (), generator=gen))
         rows, cols = slice(top, top + crop), slice(left, left + crop)
         assert torch.equal(resized.window(rows, cols), full[rows, cols]), (h, w, size, crop)
+
+
+def test_one_sampler_spans_the_epochs_in_step_order():
+    # 10 samples, batch 3, drop_last: 3 batches per epoch, so steps 2..7 are epoch 0's last
+    # batch, all of epoch 1, and the first two batches of epoch 2.
+    keys = list(StepKeys(10, 3, seed=5, total_steps=8, start_step=2))
+    assert len(StepKeys(10, 3, seed=5, total_steps=8, start_step=2)) == 6 == len(keys)
+    assert [[e for e, _ in batch] for batch in keys] == [[0] * 3, [1] * 3, [1] * 3, [1] * 3, [2] * 3, [2] * 3]
+    for epoch, batches in ((1, keys[1:4]), (2, keys[4:6])):
+        order = epoch_order(10, 5, epoch)
+        assert [i for batch in batches for _, i in batch] == order[: 3 * len(batches)]
+    assert [i for _, i in keys[0]] == epoch_order(10, 5, 0)[6:9]
+    assert list(StepKeys(10, 3, seed=5, total_steps=4, start_step=4)) == []

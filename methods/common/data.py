@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from methods.base import SampleSource
 
@@ -118,6 +118,33 @@ def _one_thread(_: int) -> None:
     torch.set_num_threads(1)
 
 
+class StepKeys(Sampler[list[tuple[int, int]]]):
+    """The batches of steps ``start_step .. total_steps - 1`` as lists of ``(epoch, index)``
+    keys: step ``s`` is batch ``s % per_epoch`` of epoch ``s // per_epoch`` in
+    :func:`epoch_order`'s permutation. One sampler spans every epoch, so one DataLoader (and
+    its workers) serves the whole loop: no worker start-up and no drained prefetch queue at
+    each epoch boundary, which on small splits (synthetic, subsets) cost more than the
+    loading itself."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, total_steps: int, start_step: int = 0, drop_last: bool = True) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_step, self.total_steps = start_step, total_steps
+        self.per_epoch = batches_per_epoch(n, batch_size, drop_last)
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        bs, step = self.batch_size, self.start_step
+        while step < self.total_steps:
+            epoch, first = divmod(step, self.per_epoch)
+            order = epoch_order(self.n, self.seed, epoch)  # drawn lazily, one epoch at a time
+            last = min(self.per_epoch, first + (self.total_steps - step))
+            for b in range(first, last):
+                yield [(epoch, i) for i in order[b * bs : (b + 1) * bs]]
+            step += last - first
+
+
 def training_batches(
     source: SampleSource,
     batch_size: int,
@@ -134,31 +161,26 @@ def training_batches(
     """``(step, batch)`` for steps ``start_step .. total_steps - 1``, epoch after epoch.
 
     Step ``s`` is batch ``s % per_epoch`` of epoch ``s // per_epoch`` (``per_epoch`` from
-    :func:`batches_per_epoch`), so resuming is ``start_step=s``. Batches are read by a
-    ``torch.utils.data.DataLoader`` with ``num_workers`` worker processes (0: in this
-    process), ``prefetch_factor`` batches ahead per worker and pinned memory when asked
-    (for CUDA); their content does not depend on ``num_workers``.
+    :func:`batches_per_epoch`), so resuming is ``start_step=s``. Batches are read by one
+    ``torch.utils.data.DataLoader`` for all the steps (:class:`StepKeys`) with
+    ``num_workers`` worker processes (0: in this process), ``prefetch_factor`` batches ahead
+    per worker and pinned memory when asked (for CUDA); their content does not depend on
+    ``num_workers``.
 
     Raises ``ValueError`` for an empty source or a non-positive batch size.
     """
     n = len(source)
     if n == 0 or batch_size <= 0:
         raise ValueError(f"training_batches: need samples and batch_size > 0 (got {n} samples, batch_size {batch_size})")
-    per_epoch = batches_per_epoch(n, batch_size, drop_last)
-    dataset = AugmentedSamples(source, augment, seed, with_masks)
-    step = start_step
-    while step < total_steps:
-        epoch, first = divmod(step, per_epoch)
-        order = epoch_order(n, seed, epoch)
-        last = min(per_epoch, first + (total_steps - step))
-        keys = [[(epoch, i) for i in order[b * batch_size : (b + 1) * batch_size]] for b in range(first, last)]
-        loader = DataLoader(
-            dataset, batch_sampler=keys, num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
-            worker_init_fn=_one_thread if num_workers else None, prefetch_factor=prefetch_factor if num_workers else None,
-            # Its own generator: by default each new loader iterator draws a base seed from
-            # torch's global RNG, which would shift dropout's stream at every epoch / resume.
-            generator=torch.Generator().manual_seed(0),
-        )
-        for batch in loader:
-            yield step, batch
-            step += 1
+    if start_step >= total_steps:
+        return
+    loader = DataLoader(
+        AugmentedSamples(source, augment, seed, with_masks),
+        batch_sampler=StepKeys(n, batch_size, seed, total_steps, start_step, drop_last),
+        num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
+        worker_init_fn=_one_thread if num_workers else None, prefetch_factor=prefetch_factor if num_workers else None,
+        # Its own generator: by default a loader iterator draws a base seed from torch's
+        # global RNG, which would shift dropout's stream (and differ after a resume).
+        generator=torch.Generator().manual_seed(0),
+    )
+    yield from enumerate(loader, start=start_step)
