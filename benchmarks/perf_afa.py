@@ -15,6 +15,8 @@ alone (one batch reused: the loader's share is the difference), peak memory (CUD
 projected hours of the recipe's iterations at that speed. Backbones start from random init:
 weights do not change the speed. Options as ``methods/common/precision.py``: ``--bf16``,
 ``--channels-last``, ``--compile`` (give ``--warmup 3`` or more: warm-up pays compilation).
+``--profile N`` then profiles N steps: the device's busy share, host syncs per step and the
+operators with the most self time (where a GPU step waits on the host).
 
     python benchmarks/perf_afa.py --suite synthetic --steps 5
     python benchmarks/perf_afa.py --suite voc --device cpu --steps 2 --warmup 1
@@ -32,6 +34,7 @@ import tempfile
 import threading
 import time
 import tomllib
+import warnings
 from pathlib import Path
 
 import torch
@@ -121,13 +124,16 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then profile N steps (torch.profiler): busy share, host syncs, top operators")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = recipe(args.suite, args)
     with tempfile.TemporaryDirectory(prefix="wsss-perf-afa-") as scratch:
         dataset, split = train_data(args.suite, args.data, Path(scratch))
-        row = measure(AFA(cfg, dataset.info, device), cfg, split, device, args)
+        method = AFA(cfg, dataset.info, device)
+        row = measure(method, cfg, split, device, args)
     options = ", ".join(n for n in ("bf16", "channels_last", "compile") if getattr(cfg, n)) or "fp32"
     gpu = f"{row['gpu_util']:.0f}" if row["gpu_util"] is not None else "-"
     print(f"afa ({args.suite}: {cfg.backbone}, crop {cfg.crop}, batch {cfg.batch_size}), {device}, "
@@ -136,6 +142,8 @@ def main() -> None:
           f"{'recipe iterations':>17s} {'projected h':>11s}")
     print(f"{row['loop_ips']:10.2f} {row['s_per_step']:8.3f} {row['step_ips']:15.2f} {row['peak_mib']:9.0f} {gpu:>10s} "
           f"{cfg.iterations:17,d} {cfg.iterations * row['s_per_step'] / 3600:11.2f}")
+    if args.profile:
+        profile(method, cfg, row.pop("batch"), device, args.profile)
 
 
 def measure(method: AFA, cfg: AFAConfig, split, device: torch.device, args: argparse.Namespace) -> dict:
@@ -173,7 +181,46 @@ def measure(method: AFA, cfg: AFAConfig, split, device: torch.device, args: argp
     _sync(device)
     step_s = (time.perf_counter() - start) / args.steps
     return {"loop_ips": cfg.batch_size / loop_s, "s_per_step": loop_s, "step_ips": cfg.batch_size / step_s,
-            "peak_mib": _peak_mib(device), "gpu_util": sampler.mean}
+            "peak_mib": _peak_mib(device), "gpu_util": sampler.mean, "batch": last}
+
+
+def profile(method: AFA, cfg: AFAConfig, batch, device: torch.device, steps: int) -> None:
+    """Where a step's time goes, on one reused batch: wall time against the summed self time
+    of the device kernels (the device's busy share; low = the host is the bottleneck), host
+    to device synchronisations per step (CUDA's sync debug mode counts each ``.item()``,
+    ``nonzero``, shape-dependent index), and the operators with the most self time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    def step() -> None:
+        method.training_step(batch.images, batch.labels, batch.valid, cfg.rw_switch_iter)["loss"].backward()
+        method.net.zero_grad(set_to_none=True)
+
+    syncs = "-"
+    if device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            step()
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = str(sum("synchroniz" in str(w.message) for w in caught))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    start = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # the kernels themselves, not their launchers
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6 / steps if device.type == "cuda" else None
+    print(f"\nprofile, {steps} step(s) (forward + backward, no optimizer): {wall:.3f} s/step under the profiler; "
+          f"device kernels {busy:.3f} s/step ({100 * busy / wall:.0f} % busy); host syncs per step: {syncs}"
+          if busy is not None else f"\nprofile, {steps} step(s): {wall:.3f} s/step under the profiler")
+    for key in ("self_cpu_time_total",) + (("self_device_time_total",) if busy is not None else ()):
+        print(events.table(sort_by=key, row_limit=15, max_name_column_width=48))
 
 
 if __name__ == "__main__":

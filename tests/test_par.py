@@ -47,7 +47,7 @@ def test_position_kernel_matches_hand_computation():
     np.testing.assert_allclose(position_kernel(DILATIONS, 0.3).numpy(), hand_position_kernel(DILATIONS, 0.3), rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("impl", ["sparse", "slice"])
+@pytest.mark.parametrize("impl", ["sparse", "slice", "gather"])
 def test_constant_image_reduces_to_position_kernel(impl):
     """|I_n - I| = 0 everywhere -> softmax of the image term is uniform (1/48), so the kernel
     is 1/48 + w2 * softmax(position term) at every pixel."""
@@ -58,7 +58,7 @@ def test_constant_image_reduces_to_position_kernel(impl):
     torch.testing.assert_close(kernel, expected.view(1, 48, 1, 1).expand_as(kernel), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("impl", ["sparse", "slice"])
+@pytest.mark.parametrize("impl", ["sparse", "slice", "gather"])
 def test_mass_grows_by_one_plus_w2_per_iteration(impl):
     """Each pixel's kernel sums to 1 + w2 (softmax + w2 * softmax); without renormalisation a
     constant mask is multiplied by (1 + w2) per iteration (replicate padding keeps it constant)."""
@@ -69,7 +69,7 @@ def test_mass_grows_by_one_plus_w2_per_iteration(impl):
     torch.testing.assert_close(out, torch.full_like(out, 2.0 * 1.01**3))
 
 
-@pytest.mark.parametrize("impl", ["sparse", "slice"])
+@pytest.mark.parametrize("impl", ["sparse", "slice", "gather"])
 def test_one_iteration_on_a_3x3_by_hand(impl):
     """Dilation 1, w2 = 0, constant image: kernel 1/8 on the 8 ring neighbours (clamped at the
     border). A one-hot mask at the centre: every border pixel has the centre among its
@@ -94,7 +94,7 @@ def test_replicate_gather_by_hand():
     assert nbr[:, 1, 1].tolist() == [0, 1, 2, 3, 5, 6, 7, 8]
 
 
-@pytest.mark.parametrize("impl", ["sparse", "slice"])
+@pytest.mark.parametrize("impl", ["sparse", "slice", "gather"])
 def test_fast_matches_reference_on_random_input(impl):
     """Fast PAR == the straightforward conv formulation within 1e-5 (non-square, dilations
     larger than the image, masks resized up to the images' size, several iterations)."""
@@ -128,7 +128,7 @@ def test_masks_are_resized_up_to_the_images_with_aligned_corners():
     torch.testing.assert_close(resize_masks(masks, (4, 4)), expected)
 
 
-@pytest.mark.parametrize("impl", ["sparse", "slice", "reference"])
+@pytest.mark.parametrize("impl", ["sparse", "slice", "gather", "reference"])
 def test_par_refines_at_image_resolution_by_hand(impl):
     """The issue's minimal case, dilations (1,), 1 iteration, w1 = 0.3, w2 = 0.01 -> 1x1x4x4.
 
@@ -185,6 +185,24 @@ def test_gradients_flow_through_the_slice_path():
     out = PAR(num_iter=2)(images, masks)
     out.sum().backward()
     assert masks.grad is not None and torch.isfinite(masks.grad).all()
+
+
+def test_gather_gradients_equal_the_slice_gradients():
+    """The gather path (auto on GPU, with or without gradients) differentiates like the
+    slices: same output and same mask gradient (float64, 1e-12)."""
+    gen = torch.Generator().manual_seed(4)
+    images = torch.rand(1, 3, 15, 11, generator=gen, dtype=torch.float64)
+    weights = torch.rand(1, 3, 15, 11, generator=gen, dtype=torch.float64)
+    outs, grads = [], []
+    for impl in ("slice", "gather"):
+        masks = torch.rand(1, 3, 8, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64).requires_grad_()
+        par = PAR(DILATIONS, num_iter=3, impl=impl)
+        out = par.apply(par.prepare(images, torch.float64), masks)
+        (out * weights).sum().backward()
+        outs.append(out.detach())
+        grads.append(masks.grad)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)
 
 
 @pytest.mark.slow

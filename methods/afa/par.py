@@ -32,9 +32,13 @@ Two implementations with identical results:
   (:meth:`PAR.prepare` / :meth:`PAR.apply`); Eq. 10 is a sparse matrix (n entries per pixel,
   columns in the replicate-padded grid) applied ``num_iter`` times with a CSR product: no
   (B, K, n, H, W) neighbour tensor, no convolutions, the output written once per
-  iteration. ``impl="slice"`` (also used when gradients are needed) accumulates the n
-  shifted views of the padded masks instead; ``impl="auto"`` (default) picks the sparse
-  product on CPU and the slices on GPU.
+  iteration. ``impl="gather"`` reads the same n neighbours per pixel with one index gather
+  from the padded masks and sums them weighted, a handful of kernel launches per iteration
+  (the (B, K, H*W, n) neighbour tensor is materialised: memory for launches).
+  ``impl="slice"`` accumulates the n shifted views of the padded masks instead, n launches
+  per iteration. ``impl="auto"`` (default) picks the sparse product on CPU (the slices when
+  gradients are needed there) and the gather on GPU, where the slices' ~500 launches per
+  call left the device idle most of an AFA step (measured on an H200, AFA README).
 * :func:`reference_par`: the straightforward formulation (per iteration, replicate-pad per
   dilation and gather neighbours with a fixed one-hot dilated convolution, stack the 48
   neighbours, multiply by the kernel and sum). Kept for tests and as the benchmark baseline
@@ -158,8 +162,8 @@ class PAR(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        if impl not in ("auto", "sparse", "slice"):
-            raise ValueError(f"PAR impl must be 'auto', 'sparse' or 'slice', not {impl!r}")
+        if impl not in ("auto", "sparse", "slice", "gather"):
+            raise ValueError(f"PAR impl must be 'auto', 'sparse', 'slice' or 'gather', not {impl!r}")
         self.impl = impl
         self.dilations = tuple(int(d) for d in dilations)
         self.offsets = tuple(neighbour_offsets(self.dilations))
@@ -203,9 +207,11 @@ class PAR(nn.Module):
         first (:func:`resize_masks`) -> (B, K, H, W)."""
         masks = resize_masks(masks, kernel.size)
         needs_grad = torch.is_grad_enabled() and (masks.requires_grad or kernel.values.requires_grad)
-        # auto: the CSR product on CPU (cache-friendly); on accelerators the n fused
-        # multiply-adds per iteration are cheap launches and need no sparse library.
-        impl = self.impl if self.impl != "auto" else ("sparse" if masks.device.type == "cpu" else "slice")
+        # auto: the CSR product on CPU (cache-friendly); on accelerators one gather per
+        # iteration (launch count, not arithmetic, bounds PAR there).
+        impl = self.impl if self.impl != "auto" else ("sparse" if masks.device.type == "cpu" else "gather")
+        if impl == "gather":
+            return self._propagate_gather(masks, kernel)
         if impl == "slice" or needs_grad:
             return self._propagate_slices(masks, kernel.dense().to(masks.dtype))
         return self._propagate_sparse(masks, kernel)
@@ -225,6 +231,19 @@ class PAR(nn.Module):
                 out = out.addcmul(padded[..., p + dy : p + dy + H, p + dx : p + dx + W], k)
             masks = out
         return masks
+
+    def _propagate_gather(self, masks: torch.Tensor, kernel: PARKernel) -> torch.Tensor:
+        """Eq. 10 by gathering: per iteration, replicate-pad the flattened masks
+        (``pad_index``), gather each pixel's n neighbours (the CSR ``cols``) as (B, K, HW, n)
+        and sum them weighted by the kernel's values (same entry order). Autograd-safe."""
+        B, K, H, W = masks.shape
+        st = kernel.structure
+        values = kernel.values.to(masks.dtype).unsqueeze(1)  # (B, 1, HW, n)
+        x = masks.reshape(B, K, H * W)
+        for _ in range(self.num_iter):
+            padded = x.index_select(2, st.pad_index)  # (B, K, Hp * Wp)
+            x = (padded.index_select(2, st.cols).view(B, K, H * W, -1) * values).sum(3)
+        return x.view(B, K, H, W)
 
     def _propagate_sparse(self, masks: torch.Tensor, kernel: PARKernel) -> torch.Tensor:
         """Eq. 10 as a sparse product per image, ``x <- M @ x[pad_index]`` with ``M``
