@@ -34,6 +34,6 @@ run weaktr 120 benchmarks/perf_weaktr.py --config paper --device cuda --bf16 --w
 run adcam_fp32 60 benchmarks/perf_adcam.py --part train --device cuda --arch conformer_s --crop 384 --batch 16 --warmup 2 --iters 10
 run adcam_bf16 60 benchmarks/perf_adcam.py --part train --device cuda --arch conformer_s --crop 384 --batch 16 --warmup 2 --iters 10 --bf16 --channels-last
 run afa_fp32 120 benchmarks/perf_afa.py --suite voc --data "$data" --device cuda --workers 8 --warmup 3 --steps 30
-run afa_bf16 120 benchmarks/perf_afa.py --suite voc --data "$data" --device cuda --workers 8 --warmup 3 --steps 30 --bf16
-run loaders 120 benchmarks/perf_data.py --data "$data" --workers 0 4 8 --images 512 --json "$out/loaders.json"
+run afa_bf16 150 benchmarks/perf_afa.py --suite voc --data "$data" --device cuda --workers 8 --warmup 3 --steps 30 --bf16 --profile 2
+run loaders 90 benchmarks/perf_data.py --data "$data" --workers 0 4 8 --images 512 --json "$out/loaders.json"
 exit $status
