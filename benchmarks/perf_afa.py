@@ -154,7 +154,7 @@ def measure(method: AFA, cfg: AFAConfig, split, device: torch.device, args: argp
     first = cfg.rw_switch_iter  # the phase with every loss term on
 
     def step(batch, index: int) -> None:
-        losses = method.training_step(batch.images, batch.labels, batch.valid, first + index)
+        losses = method.training_step(batch.images_on(method.device), batch.labels, batch.valid, first + index)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
@@ -194,7 +194,7 @@ def profile(method: AFA, cfg: AFAConfig, batch, device: torch.device, steps: int
     from torch.profiler import profile as torch_profile
 
     def step() -> None:
-        method.training_step(batch.images, batch.labels, batch.valid, cfg.rw_switch_iter)["loss"].backward()
+        method.training_step(batch.images_on(method.device), batch.labels, batch.valid, cfg.rw_switch_iter)["loss"].backward()
         method.net.zero_grad(set_to_none=True)
 
     syncs = "-"

@@ -225,7 +225,7 @@ class CommonSegmenter:
         # ctx.stream_seed(7): the same stream for every method at a given seed
         for step, batch in loop.batches(source, cfg.batch_size, augment, ctx.stream_seed(7), with_masks=True):
             set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, total, cfg.warmup_epochs * per_epoch))
-            logits = self.precision.forward(forward, batch.images.to(self.device))  # float32 logits
+            logits = self.precision.forward(forward, batch.images_on(self.device))  # float32 logits
             loss = F.cross_entropy(logits, batch.masks.to(self.device), ignore_index=255)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -287,7 +287,7 @@ def _train(arch: str, family: str, options: dict[str, Any], recipe: Recipe, seed
     for step, batch in loop.batches(corpus, recipe.batch_size, augment, mix_seed(seed, "pretrain-data")):
         set_lr(optimizer, warmup_cosine_lr(recipe.lr, step, recipe.steps, recipe.warmup))
         targets = batch.labels.argmax(dim=1)
-        logits = model(normalize(batch.images))
+        logits = model(normalize(batch.images_on("cpu")))
         loss = sum(F.cross_entropy(z, targets, label_smoothing=recipe.label_smoothing) for z in logits) / len(logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

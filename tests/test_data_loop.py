@@ -75,11 +75,11 @@ def test_crop_augment_pads_uint8_input_and_marks_the_padding():
     image = torch.full((3, 2, 3), 255, dtype=torch.uint8)
     mask = torch.ones(2, 3, dtype=torch.uint8)
     out, out_mask, valid = CropAugment(4, (1.0, 1.0), flip=False)(image, mask, torch.Generator().manual_seed(0))
-    assert out.dtype == torch.float32 and out.shape == (3, 4, 4)
+    assert out.dtype == torch.uint8 and out.shape == (3, 4, 4)  # scaled to [0, 1] by Batch.images_on
     expected_valid = torch.zeros(4, 4, dtype=torch.bool)
     expected_valid[:2, :3] = True
     assert torch.equal(valid, expected_valid)
-    assert torch.equal(out[0], expected_valid.float())  # 255 -> 1.0 inside, 0 outside
+    assert torch.equal(out[0], expected_valid.to(torch.uint8) * 255)  # 255 inside, 0 outside
     assert torch.equal(out_mask, torch.where(expected_valid, 1, 255))
 
 
@@ -117,7 +117,7 @@ def _train(tmp_path, stop_at: int | None, every_steps: int = 2) -> dict[str, tor
     ctx = StageContext(torch.device("cpu"), 0, tmp_path, checkpoint_every_steps=every_steps, checkpoint_every_s=0)
     loop = ResumableLoop(ctx, "tiny", {"net": net}, {"optimizer": optimizer}, total_steps=9)
     for step, batch in loop.batches(ListSource(), 3, CropAugment(16), seed=1):
-        loss = nn.functional.multilabel_soft_margin_loss(net(batch.images), batch.labels)
+        loss = nn.functional.multilabel_soft_margin_loss(net(batch.images_on("cpu")), batch.labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -165,7 +165,8 @@ def test_timm_cam_augment_posterizes_zero_bits_to_black_instead_of_crashing():
 def test_resized_mask_windows_are_the_pixels_torch_nearest_and_padding_give():
     """Hand case: 3 -> 5 columns takes source 0, 0, 1, 1, 2 (floor(i * 0.6)); 4 -> 2 takes 0, 2;
     padding to a 6-wide crop adds one 255 column. Then, on many random sizes (2x included)
-    and windows, the same pixels as F.interpolate(mode="nearest") + F.pad(255) + slicing."""
+    and windows, the same pixels as F.interpolate(mode="nearest") + F.pad(255) + slicing, and
+    class_counts equal to the bincount of those pixels."""
     import torch.nn.functional as F
 
     from methods.common.training import ResizedMask, nearest_source_index
@@ -175,6 +176,8 @@ def test_resized_mask_windows_are_the_pixels_torch_nearest_and_padding_give():
     hand = ResizedMask(torch.tensor([[1, 2, 3]], dtype=torch.uint8), (2, 5), crop=6)
     assert hand.shape == (6, 6)
     assert hand.window(slice(0, 3), slice(0, 6)).tolist() == [[1, 1, 2, 2, 3, 255]] * 2 + [[255] * 6]
+    # Counted without cutting: the window's 2 rows x (2, 2, 1) columns of classes 1, 2, 3.
+    assert hand.class_counts(slice(0, 3), slice(0, 6))[:4].tolist() == [0, 4, 4, 2]
     gen = torch.Generator().manual_seed(0)
     for trial in range(300):
         h, w, crop = (int(v) for v in torch.randint(1, 200, (3,), generator=gen))
@@ -188,6 +191,8 @@ def test_resized_mask_windows_are_the_pixels_torch_nearest_and_padding_give():
         left = int(torch.randint(0, full.shape[1] - crop + 1, (), generator=gen))
         rows, cols = slice(top, top + crop), slice(left, left + crop)
         assert torch.equal(resized.window(rows, cols), full[rows, cols]), (h, w, size, crop)
+        expected_counts = np.bincount(full[rows, cols].numpy().ravel(), minlength=256)[:255]
+        assert np.array_equal(resized.class_counts(rows, cols), expected_counts), (h, w, size, crop)
 
 
 def test_one_sampler_spans_the_epochs_in_step_order():
@@ -201,3 +206,52 @@ def test_one_sampler_spans_the_epochs_in_step_order():
         assert [i for batch in batches for _, i in batch] == order[: 3 * len(batches)]
     assert [i for _, i in keys[0]] == epoch_order(10, 5, 0)[6:9]
     assert list(StepKeys(10, 3, seed=5, total_steps=4, start_step=4)) == []
+
+
+def test_resized_image_windows_are_the_pixels_of_resizing_padding_and_slicing():
+    """Hand case: a 1 x 2 image [0, 100] resized to 1 x 4 takes source x = (i + 0.5) / 2 - 0.5
+    = -0.25, 0.25, 0.75, 1.25 (clamped into 0..1): 0, 25, 75, 100; padded to a 3-wide crop
+    and cut at rows 0..2, columns 1..3. Then, on many random sizes and windows, the same
+    pixels as resize_uint8 + padding + slicing (bilinear's two passes, one call per axis,
+    give the pixels of one call: the fact the windowed path rests on)."""
+    import torch.nn.functional as F
+
+    from methods.common.training import ResizedImage, resize_uint8
+
+    hand = ResizedImage(torch.tensor([[[0, 100]]] * 3, dtype=torch.uint8), (1, 4), crop=3)
+    assert hand.shape == (3, 4)
+    window, valid = hand.window(slice(0, 3), slice(1, 4))
+    assert window[0].tolist() == [[25, 75, 100], [0, 0, 0], [0, 0, 0]]
+    assert valid.tolist() == [[True] * 3, [False] * 3, [False] * 3]
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        h, w, crop = (int(v) for v in torch.randint(1, 160, (3,), generator=gen))
+        size = tuple(int(v) for v in torch.randint(1, 480, (2,), generator=gen))
+        size = (h, w) if trial % 25 == 0 else (h, size[1]) if trial % 25 == 1 else size
+        hwc = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8)
+        image = hwc.permute(2, 0, 1) if trial % 2 else hwc.permute(2, 0, 1).contiguous()  # decoded, or CHW
+        resized = resize_uint8(image, size)
+        assert torch.equal(resized, resize_uint8(resize_uint8(image, (h, size[1])), size))
+        full = F.pad(resized, (0, max(0, crop - size[1]), 0, max(0, crop - size[0])), value=0)
+        lazy = ResizedImage(image, size, crop)
+        assert lazy.shape == tuple(full.shape[1:])
+        top = int(torch.randint(0, full.shape[1] - crop + 1, (), generator=gen))
+        left = int(torch.randint(0, full.shape[2] - crop + 1, (), generator=gen))
+        rows, cols = slice(top, top + crop), slice(left, left + crop)
+        window, valid = lazy.window(rows, cols)
+        assert torch.equal(window, full[:, rows, cols]), (h, w, size, crop, top, left)
+        expected_valid = torch.zeros(full.shape[1:], dtype=torch.bool)
+        expected_valid[: size[0], : size[1]] = True
+        assert torch.equal(valid, expected_valid[rows, cols])
+
+
+def test_uint8_batches_scale_on_the_device_to_the_per_sample_values():
+    # A CropAugment batch is uint8; images_on gives float32 in [0, 1], equal to scaling each
+    # sample by itself (the pre-uint8 path), so the training numbers do not move.
+    from methods.common.training import to_float
+
+    (_, batch), = _all(ListSource(), 0, total=1)
+    assert batch.images.dtype == torch.uint8
+    on_device = batch.images_on("cpu")
+    assert on_device.dtype == torch.float32
+    assert torch.equal(on_device, torch.stack([to_float(image) for image in batch.images]))

@@ -219,7 +219,7 @@ class ADCAM(Method):
             loop = ResumableLoop(ctx, "cam", {"cam_net": self.cam_net}, {"optimizer": optimizer}, total)
             for step, batch in loop.batches(train, cfg.batch_size, augment, ctx.stream_seed(1)):
                 self._set_cam_lr(optimizer, step, total)
-                images = normalize(batch.images.to(self.device))
+                images = normalize(batch.images_on(self.device))
                 labels = batch.labels.to(self.device)
                 cnn_logits, trans_logits = self.precision.forward(forward, images)  # float32: BCE in float32
                 loss_cnn = F.binary_cross_entropy_with_logits(cnn_logits, labels)
@@ -343,7 +343,7 @@ class ADCAM(Method):
                 lr = poly_lr(cfg.seg_lr, step, cfg.seg_iterations, cfg.seg_poly_power)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
-                logits = self.precision.forward(forward, normalize(batch.images.to(self.device)))
+                logits = self.precision.forward(forward, normalize(batch.images_on(self.device)))
                 loss = F.cross_entropy(logits, batch.masks.to(self.device), ignore_index=IGNORE_INDEX)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -242,7 +242,7 @@ class AFA(Method):
             loop = ResumableLoop(ctx, "train", {"net": self.net}, {"optimizer": optimizer}, cfg.iterations)
             for step, batch in loop.batches(train, cfg.batch_size, augment, ctx.stream_seed(1)):
                 set_lr(optimizer, cfg.lr * warmup_poly_factor(step, cfg.iterations, cfg.warmup_iters, cfg.warmup_ratio, cfg.poly_power))
-                losses = self.training_step(batch.images, batch.labels, batch.valid, step)
+                losses = self.training_step(batch.images_on(self.device), batch.labels, batch.valid, step)
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 optimizer.step()

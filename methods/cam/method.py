@@ -106,7 +106,7 @@ class CamBaseline(Method):
         forward = self.precision.train_forward(self.classifier)
 
         def loss_fn(batch) -> torch.Tensor:
-            logits = self.precision.forward(forward, batch.images.to(self.device))  # float32: the loss runs in float32
+            logits = self.precision.forward(forward, batch.images_on(self.device))  # float32: the loss runs in float32
             return F.multilabel_soft_margin_loss(logits, batch.labels.to(self.device))
 
         _train_loop(self.classifier, optimizer, train, cfg.batch_size, augment, False, cfg.epochs, cfg.warmup_epochs, cfg.lr, loss_fn, ctx, "cls", 1)
@@ -147,7 +147,7 @@ class CamBaseline(Method):
         forward = self.precision.train_forward(self.segmenter)
 
         def loss_fn(batch) -> torch.Tensor:
-            logits = self.precision.forward(forward, batch.images.to(self.device))
+            logits = self.precision.forward(forward, batch.images_on(self.device))
             return F.cross_entropy(logits, batch.masks.to(self.device), ignore_index=255)
 
         _train_loop(self.segmenter, optimizer, train, cfg.seg_batch_size, augment, True, cfg.seg_epochs, 1, cfg.seg_lr, loss_fn, ctx, "seg", 2)

@@ -14,9 +14,11 @@ loop sees from step ``k`` on: the loader's position is the step number, nothing 
 
 Augmentations (``Augment``) take the decoded image as a uint8 ``(3, H, W)`` tensor and the
 mask as a uint8 ``(H, W)`` tensor (or None) and return ``(image, mask, valid)``: the image as
-float32 ``(3, crop, crop)`` (in ``[0, 1]``, or already normalised where the method's recipe
-normalises inside the augmentation), the mask uint8 ``(crop, crop)`` with 255 on padding
-(batched as int64), and ``valid`` bool ``(crop, crop)``, False on padding.
+uint8 ``(3, crop, crop)`` where the recipe has no float step (batched as uint8: a quarter of
+the bytes through collation, pinning and the host-to-device copy; :meth:`Batch.images_on`
+scales it to ``[0, 1]`` on the device) or float32 (in ``[0, 1]``, or already normalised where
+the method's recipe normalises inside the augmentation), the mask uint8 ``(crop, crop)`` with
+255 on padding (batched as int64), and ``valid`` bool ``(crop, crop)``, False on padding.
 """
 
 from __future__ import annotations
@@ -30,17 +32,25 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from methods.base import SampleSource
+from methods.common.training import to_float
 
 Augment = Callable[[torch.Tensor, "torch.Tensor | None", torch.Generator], tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]]
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, crop, crop) float32, in [0, 1] unless the augment normalises
+    images: torch.Tensor  # (B, 3, crop, crop) uint8, or float32 in [0, 1] unless the augment normalises: read via images_on
     labels: torch.Tensor  # (B, C) multi-hot float32
     masks: torch.Tensor | None  # (B, crop, crop) int64, 255 = ignore / padding
     valid: torch.Tensor  # (B, crop, crop) bool, False on padding
     indices: list[int]  # sample indices in the source
+
+    def images_on(self, device: torch.device | str) -> torch.Tensor:
+        """The images as float32 (B, 3, crop, crop) on ``device``: uint8 batches travel as uint8
+        and are scaled to ``[0, 1]`` there (:func:`to_float`, the same values as scaling each
+        sample on the CPU); float batches are only moved."""
+        images = self.images.to(device)
+        return to_float(images) if images.dtype == torch.uint8 else images
 
     def pin_memory(self) -> "Batch":
         """Called by the DataLoader's pin-memory thread (``pin_memory=True``)."""

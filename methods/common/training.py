@@ -44,8 +44,23 @@ def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     ``size``, staying in uint8 (torch's channels-last uint8 kernel: no float round trip)."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    x = image[None].contiguous(memory_format=torch.channels_last)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0].contiguous()
+    return _interpolate_cl(_channels_last(image), size)[0].contiguous()
+
+
+def _channels_last(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) -> (1, 3, H, W) over (H, W, 3) memory: a view for decoded files, which are
+    (H, W, 3). Its batch stride is the whole image: with a batch of 1, torch also takes the
+    stride-3 batch of ``image[None].contiguous(memory_format=torch.channels_last)`` as
+    channels-last, but its uint8 kernel then runs 2-3x slower (same pixels)."""
+    return image.permute(1, 2, 0).contiguous()[None].permute(0, 3, 1, 2)
+
+
+def _interpolate_cl(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(1, 3, h, w) channels-last uint8 -> (1, 3, *size) channels-last: the kernel of
+    :func:`resize_uint8` (a no-op at the same size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def nearest_source_index(n_in: int, n_out: int) -> np.ndarray:
@@ -56,6 +71,58 @@ def nearest_source_index(n_in: int, n_out: int) -> np.ndarray:
     scale = np.float32(n_in) / np.float32(n_out)
     index = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
     return np.minimum(index, n_in - 1)
+
+
+def _bilinear_source_span(start: int, stop: int, n_in: int, n_out: int) -> tuple[int, int]:
+    """``[lo, hi)``: the input indices that bilinear resizing ``n_in -> n_out``
+    (align_corners=False, no antialias: two taps per output) reads for outputs
+    ``start .. stop - 1``, with two spare indices each side against float rounding."""
+    scale = n_in / n_out
+    lo = math.floor((start + 0.5) * scale - 0.5) - 2
+    hi = math.floor((stop - 0.5) * scale - 0.5) + 4  # last output's first tap, its second, two spare
+    return max(0, lo), min(n_in, max(hi, lo + 1))
+
+
+class ResizedImage:
+    """A uint8 (3, H, W) image as if resized to ``size`` by :func:`resize_uint8` and padded
+    bottom / right with 0 to at least ``crop`` x ``crop``, whose windows are computed from the
+    source on demand: the same pixels, bit for bit, as slicing the resized, padded image
+    (tests check equality on many sizes), for a fraction of the work at large scales.
+
+    Why it is exact: torch's uint8 bilinear kernel is separable, a horizontal pass into a
+    uint8 buffer, then a vertical pass (two calls, one per axis, give the same pixels as one;
+    tested). Each row of the horizontal pass depends on that source row only, and each
+    column of the vertical pass on that column only. So a window needs the horizontal pass
+    over the source rows its rows read (:func:`_bilinear_source_span`), kept to its columns,
+    and the vertical pass over those columns; rows outside the span are never read and stay
+    0. The vertical pass still runs the whole height (its weights depend on it), but only
+    ``crop`` columns wide instead of the whole resized width."""
+
+    def __init__(self, image: torch.Tensor, size: tuple[int, int], crop: int) -> None:
+        self.image, self.size = image, size
+        self.shape = (max(size[0], crop), max(size[1], crop))  # the resized, padded (H', W')
+
+    def window(self, rows: slice, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (rows, cols) window: image uint8 (3, r, c), and ``valid`` bool (r, c), False on
+        the padding."""
+        (h, w), (H, W) = self.image.shape[-2:], self.size
+        r0, r1, c0, c1 = rows.start, min(rows.stop, H), cols.start, min(cols.stop, W)
+        src = _channels_last(self.image)
+        lo, hi = _bilinear_source_span(r0, r1, h, H) if H != h else (r0, r1)
+        band = _interpolate_cl(src[:, :, lo:hi], (hi - lo, W))[:, :, :, c0:c1]  # horizontal pass
+        if H != h:
+            tall = torch.zeros(1, h, c1 - c0, 3, dtype=torch.uint8).permute(0, 3, 1, 2)  # channels-last
+            tall[:, :, lo:hi] = band
+            band = _interpolate_cl(tall, (H, c1 - c0))[:, :, r0:r1]  # vertical pass
+        # (H, W, 3) -> (3, H, W) memory: numpy's transposing copy is about twice torch's for uint8.
+        band = torch.from_numpy(np.ascontiguousarray(band[0].numpy()))
+        shape = (rows.stop - r0, cols.stop - c0)
+        if band.shape[1:] == shape:
+            return band, torch.ones(shape, dtype=torch.bool)
+        out, valid = band.new_zeros(3, *shape), torch.zeros(shape, dtype=torch.bool)
+        out[:, : r1 - r0, : c1 - c0] = band
+        valid[: r1 - r0, : c1 - c0] = True
+        return out, valid
 
 
 class ResizedMask:
@@ -74,6 +141,9 @@ class ResizedMask:
         self._source = np.pad(mask.numpy(), ((0, 1), (0, 1)), constant_values=IGNORE_INDEX)
         self._rows = np.concatenate([nearest_source_index(h, size[0]), np.full(max(0, crop - size[0]), h)])
         self._cols = np.concatenate([nearest_source_index(w, size[1]), np.full(max(0, crop - size[1]), w)])
+        self._planes: np.ndarray | None = None  # (K, H + 1, W + 1) 0/1 per class present, built on demand
+        self._classes = np.zeros(0, np.int64)
+        self._count_dtype = np.float32 if crop * crop < 2**24 else np.float64  # integer sums stay exact
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -85,18 +155,24 @@ class ResizedMask:
         would return a column-major array)."""
         return torch.from_numpy(self._source.take(self._rows[rows], 0).take(self._cols[cols], 1))
 
-
-def pad_to(image: torch.Tensor, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad (bottom / right) a uint8 (3, H, W) image with 0 to at least ``crop`` x ``crop``;
-    also returns ``valid`` (H', W') bool, False on the padding (a mask pads with 255:
-    :class:`ResizedMask`)."""
-    h, w = image.shape[-2:]
-    ph, pw = max(0, crop - h), max(0, crop - w)
-    valid = torch.ones(h, w, dtype=torch.bool)
-    if ph or pw:
-        image = F.pad(image, (0, pw, 0, ph), value=0)
-        valid = F.pad(valid, (0, pw, 0, ph), value=False)
-    return image, valid
+    def class_counts(self, rows: slice, cols: slice) -> np.ndarray:
+        """(255,) int64: the pixels of each class 0..254 in the (rows, cols) window (255:
+        ignore and padding, not counted), the counts of ``np.bincount(window)``, without
+        building the window. The index maps are non-decreasing, so the window reads one
+        block of source pixels, each standing for (window rows mapped to its row) x (window
+        columns mapped to its column) pixels: per class, 0/1 plane @ column multiplicities
+        @ row multiplicities (sums of integers <= crop^2, exact in the float type chosen)."""
+        if self._planes is None:
+            present = np.bincount(self._source.ravel(), minlength=IGNORE_INDEX + 1)[:IGNORE_INDEX]
+            self._classes = np.flatnonzero(present)
+            self._planes = (self._source[None] == self._classes[:, None, None].astype(np.uint8)).astype(self._count_dtype)
+        r, c = self._rows[rows], self._cols[cols]
+        r0, r1, c0, c1 = r[0], r[-1] + 1, c[0], c[-1] + 1
+        row_mult = np.bincount(r - r0, minlength=r1 - r0).astype(self._count_dtype)
+        col_mult = np.bincount(c - c0, minlength=c1 - c0).astype(self._count_dtype)
+        counts = np.zeros(IGNORE_INDEX, np.int64)
+        counts[self._classes] = (self._planes[:, r0:r1, c0:c1] @ col_mult) @ row_mult
+        return counts
 
 
 def random_window(shape: tuple[int, int], crop: int, gen: torch.Generator) -> tuple[slice, slice]:
@@ -114,11 +190,12 @@ def to_float(image: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CropAugment:
-    """Random rescale, crop (pad with ``fill``), horizontal flip: the common WSSS recipe.
+    """Random rescale, crop (pad with 0), horizontal flip: the common WSSS recipe.
 
     ``scale_range`` multiplies the image's size; ``crop`` is the square output side. Masks
-    are resized with nearest neighbour and padded with 255 (ignored). Works on uint8 until
-    the crop is cut (see ``methods/common/data.py`` for the augment contract).
+    are resized with nearest neighbour and padded with 255 (ignored). uint8 throughout: the
+    training step scales the batch to [0, 1] on its device (``Batch.images_on``; see
+    ``methods/common/data.py`` for the augment contract).
     """
 
     crop: int
@@ -129,19 +206,19 @@ class CropAugment:
         self, image: torch.Tensor, mask: torch.Tensor | None, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """image (3, H, W) uint8, mask (H, W) uint8 or None ->
-        (crop image float in [0, 1], crop mask, valid (crop, crop) bool: pixels inside the image)."""
+        (crop image uint8, crop mask, valid (crop, crop) bool: pixels inside the image)."""
         lo, hi = self.scale_range
         scale = lo + (hi - lo) * torch.rand((), generator=gen).item()
         h, w = image.shape[1:]
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        image, valid = pad_to(resize_uint8(image, size), self.crop)
-        rows, cols = random_window(tuple(image.shape[1:]), self.crop, gen)
-        image, valid = image[:, rows, cols], valid[rows, cols]
+        resized = ResizedImage(image, size, self.crop)
+        rows, cols = random_window(resized.shape, self.crop, gen)
+        image, valid = resized.window(rows, cols)
         mask = ResizedMask(mask, size, self.crop).window(rows, cols) if mask is not None else None
         if self.flip and torch.rand((), generator=gen).item() < 0.5:
             image, valid = image.flip(-1), valid.flip(-1)
             mask = mask.flip(-1) if mask is not None else None
-        return to_float(image), mask, valid
+        return image, mask, valid
 
 
 def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9, min_lr: float = 0.0) -> float:

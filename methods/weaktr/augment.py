@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from methods.base import IGNORE_INDEX
-from methods.common.training import IMAGENET_MEAN, IMAGENET_STD, ResizedMask, pad_to, random_window, resize_uint8, to_float
+from methods.common.training import IMAGENET_MEAN, IMAGENET_STD, ResizedImage, ResizedMask, random_window, to_float
 
 
 def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
@@ -46,13 +45,13 @@ def photometric_distortion(image: torch.Tensor, gen: torch.Generator) -> torch.T
     return image.clamp_(0.0, 1.0)
 
 
-def _dominant_ratio(mask: torch.Tensor) -> tuple[float, int]:
-    """(largest class share, number of classes) over the non-ignored pixels of a uint8 crop."""
-    counts = torch.bincount(mask.view(-1), minlength=IGNORE_INDEX + 1)[:IGNORE_INDEX]
+def _dominant_ratio(counts: np.ndarray) -> tuple[float, int]:
+    """(largest class share, number of classes) of a crop's per-class pixel counts (ignore
+    excluded, :meth:`ResizedMask.class_counts`)."""
     counts = counts[counts > 0]
-    if counts.numel() == 0:
+    if counts.size == 0:
         return 1.0, 0
-    return float(counts.max()) / float(counts.sum()), int(counts.numel())
+    return float(counts.max()) / float(counts.sum()), int(counts.size)
 
 
 @dataclass
@@ -76,20 +75,17 @@ class SegAugment:
         base = self.base_size / min(h, w) if self.base_size else 1.0
         scale = base * _uniform(gen, *self.scale_range)
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        image, valid = pad_to(resize_uint8(image, size), self.crop)
+        resized_image = ResizedImage(image, size, self.crop)
         resized = ResizedMask(mask, size, self.crop) if mask is not None else None
-        out_mask = None
         for _ in range(10):
-            rows, cols = random_window(tuple(image.shape[1:]), self.crop, gen)
-            if resized is None:
+            rows, cols = random_window(resized_image.shape, self.crop, gen)
+            if resized is None or self.cat_max_ratio >= 1.0:
                 break
-            out_mask = resized.window(rows, cols)
-            if self.cat_max_ratio >= 1.0:
-                break
-            ratio, n = _dominant_ratio(out_mask)
+            ratio, n = _dominant_ratio(resized.class_counts(rows, cols))  # counted, not cut: most windows are redrawn
             if n > 1 and ratio < self.cat_max_ratio:
                 break
-        out_img, valid = image[:, rows, cols], valid[rows, cols]
+        out_mask = resized.window(rows, cols) if resized is not None else None
+        out_img, valid = resized_image.window(rows, cols)  # only the accepted window is resized
         if _coin(gen):
             out_img, valid = out_img.flip(-1), valid.flip(-1)
             out_mask = out_mask.flip(-1) if out_mask is not None else None

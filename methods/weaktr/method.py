@@ -225,7 +225,7 @@ class WeakTr(Method):
         loop = ResumableLoop(ctx, "cam", state, {"optimizer": optimizer}, total)
         for step, batch in loop.batches(train, cfg.cam_batch_size, augment, ctx.stream_seed(1)):
             set_lr(optimizer, warmup_cosine_lr(lr, step, total, cfg.cam_warmup_epochs * per_epoch, cfg.cam_min_lr))
-            images = batch.images.to(self.device)
+            images = batch.images_on(self.device)
             images = images if timm_aug else normalize(images)
             labels = batch.labels.to(self.device)
             out = self.precision.forward(forward, images)  # float32 outputs: the losses run in float32
@@ -300,7 +300,7 @@ class WeakTr(Method):
         loop = ResumableLoop(ctx, "seg", {"segmenter": net}, {"optimizer": optimizer}, total)
         for step, batch in loop.batches(train, cfg.seg_batch_size, augment, ctx.stream_seed(2), with_masks=True):
             set_lr(optimizer, poly_lr(cfg.seg_lr, step, total, 0.9, cfg.seg_min_lr))
-            images = normalize(batch.images.to(self.device))
+            images = normalize(batch.images_on(self.device))
             masks = batch.masks.to(self.device)
             logits = self.precision.forward(forward, images)
             if cfg.grad_clip:

@@ -64,7 +64,7 @@ def train_irn(model: IRNet, source: SampleSource, config: IRNConfig, ctx: StageC
     offsets = offsets_within(config.train_radius, half=True)
     for step, batch in loop.batches(source, config.batch_size, augment, ctx.stream_seed(31), with_masks=True):
         set_lr(optimizer, poly_lr(config.lr, step, total))
-        terms = irn_loss(model, batch.images.to(ctx.device), batch.masks.to(ctx.device), offsets)
+        terms = irn_loss(model, batch.images_on(ctx.device), batch.masks.to(ctx.device), offsets)
         optimizer.zero_grad(set_to_none=True)
         terms["irn_loss"].backward()
         optimizer.step()
