@@ -2,6 +2,11 @@
 random-walk propagation with the learned affinity, and the PAR-refined variants of both.
 
 Label conventions: 0 background, ``c + 1`` foreground class ``c``, 255 ignored.
+
+On CUDA the training step's labels make no per-image host round trips: boolean maps are
+applied with ``masked_fill`` (indexing with a boolean map waits for the device to count its
+True entries), and the per-image class lists and image boxes are read from one copy of the
+labels / valid maps to the host per call, not from the device image by image.
 """
 
 from __future__ import annotations
@@ -20,20 +25,15 @@ def cam_label(cams: torch.Tensor, labels: torch.Tensor, bg_high: float, bg_low: 
     ``max_c M <= bg_low``, 255 in between. cams (B, C, H, W) in [0, 1] -> (B, H, W).
     Absent classes are masked first; ties at a threshold go to the lower label (code)."""
     value, index = (cams * (labels[:, :, None, None] > 0)).max(1)
-    out = index + 1
-    out[value <= bg_high] = IGNORE_INDEX
-    out[value <= bg_low] = 0
-    return out
+    return (index + 1).masked_fill_(value <= bg_high, IGNORE_INDEX).masked_fill_(value <= bg_low, 0)
 
 
 def combine_high_low(label_high: torch.Tensor, label_low: torch.Tensor) -> torch.Tensor:
     """The two-threshold rule on two label maps (from the high and the low background
     score): the high map's foreground is kept; background in both -> 0; background in the
     high map only (foreground for the low one) -> 255 (uncertain)."""
-    out = label_high.clone()
-    out[label_high == 0] = IGNORE_INDEX
-    out[(label_high == 0) & (label_low == 0)] = 0
-    return out
+    background = label_high == 0
+    return label_high.masked_fill(background, IGNORE_INDEX).masked_fill_(background & (label_low == 0), 0)
 
 
 def valid_box(valid: torch.Tensor) -> tuple[int, int, int, int]:
@@ -86,8 +86,9 @@ class RefineGuide:
                 self._regions[name] = [((0, H, 0, W), k) for k in kernels]
             else:
                 out = []
+                valid = self.valid.cpu()  # one copy to the host, not one wait per image
                 for b in range(B):
-                    box = valid_box(self.valid[b])
+                    box = valid_box(valid[b])
                     if box == (0, H, 0, W):  # the box is the whole crop: same kernel
                         out.append(self.region("crop")[b])
                         continue
@@ -127,9 +128,11 @@ def par_refine_argmax(
     ``align_corners=False``), argmax -> channel index. Returns one (B, H, W) label per map,
     255 outside the region."""
     B, _, H, W = scores[0].shape
-    outs = [torch.full((B, H, W), IGNORE_INDEX, dtype=torch.long, device=scores[0].device) for _ in scores]
+    device = scores[0].device
+    outs = [torch.full((B, H, W), IGNORE_INDEX, dtype=torch.long, device=device) for _ in scores]
+    keys = keys.cpu()  # one copy to the host, not one wait per image
     for b, ((top, bottom, left, right), kernel) in enumerate(regions):
-        kept = torch.nonzero(keys[b]).flatten()
+        kept = torch.nonzero(keys[b]).flatten().to(device)
         maps = [s[b : b + 1, kept, top:bottom, left:right] for s in scores]
         if resize_first:
             maps = [F.interpolate(m, size=kernel.size, mode="bilinear", align_corners=False) for m in maps]
@@ -177,7 +180,7 @@ def refined_cam_label(
     label_high, label_low = par_refine_argmax(par, guide.region(region), [high, low], keys, softmax=True, resize_first=True)
     label = combine_high_low(label_high, label_low)
     if valid is not None:
-        label[~valid] = IGNORE_INDEX
+        label.masked_fill_(~valid, IGNORE_INDEX)
     return label
 
 
@@ -266,5 +269,5 @@ def random_walk_label(
     label_high, label_low = par_refine_argmax(par, guide.region("box"), walked, keys, softmax=False, resize_first=False)
     label = combine_high_low(label_high, label_low)
     if valid is not None:
-        label[~valid] = IGNORE_INDEX
+        label.masked_fill_(~valid, IGNORE_INDEX)
     return label
