@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness.datasets import create_dataset  # noqa: E402
 from methods.common.data import AugmentedSamples, sample_generator, training_batches  # noqa: E402
-from methods.common.training import CropAugment  # noqa: E402
+from methods.common.training import CropAugment, windowed_resize_is_exact  # noqa: E402
 from methods.weaktr.augment import SegAugment, TimmCamAugment  # noqa: E402
 
 TRAIN_AUG = 10_582
@@ -121,6 +121,8 @@ def main() -> None:
     suite = tomllib.loads((ROOT / "benchmarks" / "voc.toml").read_text())
     rows = []
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {len(split)} voc-mini train images")
+    if not windowed_resize_is_exact():
+        print("torch's uint8 resize is not separable here: crops resize the whole image (slower, same pixels)")
     print(f"{'loop':44s} {'workers':>7s} {'img/s':>8s} {'read ms':>8s} {'augment ms':>10s} {'paper recipe: samples':>22s} {'loading h':>10s}")
     cases = [("masks", split)]
     if args.label_file:

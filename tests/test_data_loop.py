@@ -208,7 +208,8 @@ def test_one_sampler_spans_the_epochs_in_step_order():
     assert list(StepKeys(10, 3, seed=5, total_steps=4, start_step=4)) == []
 
 
-def test_resized_image_windows_are_the_pixels_of_resizing_padding_and_slicing():
+@pytest.mark.parametrize("windowed", [True, False])
+def test_resized_image_windows_are_the_pixels_of_resizing_padding_and_slicing(monkeypatch, windowed):
     """Hand case: a 1 x 2 image [0, 100] resized to 1 x 4 takes source x = (i + 0.5) / 2 - 0.5
     = -0.25, 0.25, 0.75, 1.25 (clamped into 0..1): 0, 25, 75, 100; padded to a 3-wide crop
     and cut at rows 0..2, columns 1..3. Then, on many random sizes and windows, the same
@@ -216,8 +217,11 @@ def test_resized_image_windows_are_the_pixels_of_resizing_padding_and_slicing():
     give the pixels of one call: the fact the windowed path rests on)."""
     import torch.nn.functional as F
 
+    from methods.common import training
     from methods.common.training import ResizedImage, resize_uint8
 
+    if not windowed:  # the fallback where torch's kernel is not separable: resize whole, cut
+        monkeypatch.setattr(training, "windowed_resize_is_exact", lambda: False)
     hand = ResizedImage(torch.tensor([[[0, 100]]] * 3, dtype=torch.uint8), (1, 4), crop=3)
     assert hand.shape == (3, 4)
     window, valid = hand.window(slice(0, 3), slice(1, 4))

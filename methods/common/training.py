@@ -8,6 +8,7 @@ seed gives the same batches, bit for bit, on CPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -83,6 +84,21 @@ def _bilinear_source_span(start: int, stop: int, n_in: int, n_out: int) -> tuple
     return max(0, lo), min(n_in, max(hi, lo + 1))
 
 
+@functools.lru_cache(maxsize=None)
+def windowed_resize_is_exact() -> bool:
+    """Whether this torch's uint8 bilinear kernel is separable the way :class:`ResizedImage`
+    relies on (one call gives the pixels of a horizontal-only call then a vertical-only
+    call), checked once per process on a random image scaled up and down. Where it is not
+    (another torch, or a CPU without the vectorised kernel), ResizedImage resizes the whole
+    image instead: slower, same pixels."""
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 37, 53), generator=gen, dtype=torch.uint8)
+    return all(
+        torch.equal(resize_uint8(image, size), resize_uint8(resize_uint8(image, (37, size[1])), size))
+        for size in ((71, 29), (23, 97))
+    )
+
+
 class ResizedImage:
     """A uint8 (3, H, W) image as if resized to ``size`` by :func:`resize_uint8` and padded
     bottom / right with 0 to at least ``crop`` x ``crop``, whose windows are computed from the
@@ -96,7 +112,8 @@ class ResizedImage:
     over the source rows its rows read (:func:`_bilinear_source_span`), kept to its columns,
     and the vertical pass over those columns; rows outside the span are never read and stay
     0. The vertical pass still runs the whole height (its weights depend on it), but only
-    ``crop`` columns wide instead of the whole resized width."""
+    ``crop`` columns wide instead of the whole resized width. Where that separability does
+    not hold (:func:`windowed_resize_is_exact`), the whole image is resized and cut."""
 
     def __init__(self, image: torch.Tensor, size: tuple[int, int], crop: int) -> None:
         self.image, self.size = image, size
@@ -105,8 +122,23 @@ class ResizedImage:
     def window(self, rows: slice, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """The (rows, cols) window: image uint8 (3, r, c), and ``valid`` bool (r, c), False on
         the padding."""
-        (h, w), (H, W) = self.image.shape[-2:], self.size
+        H, W = self.size
         r0, r1, c0, c1 = rows.start, min(rows.stop, H), cols.start, min(cols.stop, W)
+        if windowed_resize_is_exact():
+            band = self._resized_part(r0, r1, c0, c1)
+        else:
+            band = resize_uint8(self.image, self.size)[:, r0:r1, c0:c1].contiguous()
+        shape = (rows.stop - r0, cols.stop - c0)
+        if band.shape[1:] == shape:
+            return band, torch.ones(shape, dtype=torch.bool)
+        out, valid = band.new_zeros(3, *shape), torch.zeros(shape, dtype=torch.bool)
+        out[:, : r1 - r0, : c1 - c0] = band
+        valid[: r1 - r0, : c1 - c0] = True
+        return out, valid
+
+    def _resized_part(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """Rows r0..r1-1, columns c0..c1-1 of the resized image (all inside it), (3, r, c)."""
+        (h, _), (H, W) = self.image.shape[-2:], self.size
         src = _channels_last(self.image)
         lo, hi = _bilinear_source_span(r0, r1, h, H) if H != h else (r0, r1)
         band = _interpolate_cl(src[:, :, lo:hi], (hi - lo, W))[:, :, :, c0:c1]  # horizontal pass
@@ -115,14 +147,7 @@ class ResizedImage:
             tall[:, :, lo:hi] = band
             band = _interpolate_cl(tall, (H, c1 - c0))[:, :, r0:r1]  # vertical pass
         # (H, W, 3) -> (3, H, W) memory: numpy's transposing copy is about twice torch's for uint8.
-        band = torch.from_numpy(np.ascontiguousarray(band[0].numpy()))
-        shape = (rows.stop - r0, cols.stop - c0)
-        if band.shape[1:] == shape:
-            return band, torch.ones(shape, dtype=torch.bool)
-        out, valid = band.new_zeros(3, *shape), torch.zeros(shape, dtype=torch.bool)
-        out[:, : r1 - r0, : c1 - c0] = band
-        valid[: r1 - r0, : c1 - c0] = True
-        return out, valid
+        return torch.from_numpy(np.ascontiguousarray(band[0].numpy()))
 
 
 class ResizedMask:
