@@ -123,8 +123,10 @@ class TimmCamAugment:
     ``rand-m9-mstd0.5-inc1`` + RandomErasing 0.25 (pixel mode), bicubic. Returns images already
     ImageNet-normalised (erasing happens in normalised space, as in timm).
 
-    timm and torchvision draw from Python's ``random`` and torch's global RNG, so each sample
-    seeds both from ``gen`` inside a saved/restored state: deterministic, no global side effect."""
+    timm and torchvision draw from Python's ``random``, numpy's global RNG (RandAugment picks
+    its ops with ``np.random.choice``) and torch's global RNG, so each sample seeds all three
+    from ``gen`` inside a saved / restored state: the same sample gets the same ops whatever
+    process, worker or resumed run draws it, with no side effect on the global streams."""
 
     crop: int
     auto_augment: str = "rand-m9-mstd0.5-inc1"
@@ -149,12 +151,14 @@ class TimmCamAugment:
 
         seed = int(torch.randint(0, 2**62, (), generator=gen))
         pil = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
-        state = random.getstate()
+        state, np_state = random.getstate(), np.random.get_state()
         try:
             random.seed(seed)
+            np.random.seed(seed % 2**32)
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding (slow per sample)
                 out = self._tf(pil)
         finally:
             random.setstate(state)
+            np.random.set_state(np_state)
         return out, None, torch.ones(self.crop, self.crop, dtype=torch.bool)
