@@ -66,13 +66,18 @@ def recipes(suite: dict) -> dict[str, tuple[object, int, bool, int]]:
 
 
 def images_per_second(split, augment, batch: int, masks: bool, workers: int, images: int) -> float:
-    steps = max(2, images // batch)
-    loader = training_batches(split, batch, augment, seed=0, total_steps=steps + 1, with_masks=masks, num_workers=workers)
-    next(loader)  # worker start-up and the first batch are not throughput
-    start = time.perf_counter()
-    for _ in loader:
-        pass
-    return steps * batch / (time.perf_counter() - start)
+    """Steady-state img/s of the loop's loader. With N workers the first batches arrive side
+    by side (each worker builds one), so timing from the first batch over a few batches
+    overstates the rate; the first 2 x max(1, N) batches (start-up included) are not timed,
+    and at least 4 batches per worker (and ``images``) are."""
+    warm = 2 * max(1, workers)
+    timed = max(2, images // batch, 4 * max(1, workers))
+    loader = training_batches(split, batch, augment, seed=0, total_steps=warm + timed, with_masks=masks, num_workers=workers)
+    start = 0.0
+    for step, _ in loader:
+        if step == warm - 1:
+            start = time.perf_counter()
+    return timed * batch / (time.perf_counter() - start)
 
 
 def time_split(source, augment, masks: bool, images: int) -> tuple[float, float]:

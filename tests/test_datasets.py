@@ -516,3 +516,18 @@ def test_coco_bad_inputs(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match="unknown category_id 12"):
         create_dataset("coco", tmp_path / "coco", tmp_path / "cache2", {}).split("val")
+
+
+def test_value_histogram_counts_each_mask_value_as_bincount_does():
+    # By hand: [[0, 255], [3, 3]] -> 0 once, 3 twice, 255 once; a read-only uint8 array (as
+    # PIL's np.asarray gives) and a wider dtype count the same.
+    from harness.datasets.base import value_histogram
+
+    mask = np.array([[0, 255], [3, 3]], dtype=np.uint8)
+    mask.setflags(write=False)
+    expected = np.zeros(256, np.int64)
+    expected[[0, 3, 255]] = [1, 2, 1]
+    assert np.array_equal(value_histogram(mask), expected)
+    assert np.array_equal(value_histogram(mask.astype(np.int32)), expected)
+    noise = np.random.default_rng(0).integers(0, 256, (37, 41), dtype=np.uint8)
+    assert np.array_equal(value_histogram(noise), np.bincount(noise.ravel(), minlength=256))

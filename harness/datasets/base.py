@@ -173,6 +173,19 @@ def read_mask(path: Path) -> np.ndarray:
     return values
 
 
+def value_histogram(mask: np.ndarray) -> np.ndarray:
+    """(256,) int64 counts of each value of a uint8 mask: ``np.bincount(mask.ravel(),
+    minlength=256)``. torch's kernel counts uint8 in place, about twice as fast as numpy's,
+    which first widens every pixel to int64 (this runs once per mask read, in every loader)."""
+    import torch
+
+    if mask.dtype != np.uint8:
+        return np.bincount(mask.ravel(), minlength=256)
+    # A writable array (np.require copies a read-only one, e.g. PIL's): torch warns on others.
+    pixels = torch.from_numpy(np.require(mask, requirements=("C", "W"))).view(-1)
+    return torch.bincount(pixels, minlength=256).numpy()
+
+
 def check_mask(mask: np.ndarray, image_shape: tuple[int, ...], num_classes: int, path: Path) -> np.ndarray:
     """Validate a mask against its image and the class count; return its per-value histogram
     (256 bins), which callers reuse to derive image-level labels without a second pass."""
@@ -181,7 +194,7 @@ def check_mask(mask: np.ndarray, image_shape: tuple[int, ...], num_classes: int,
             f"Mask {path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image is "
             f"{image_shape[1]}x{image_shape[0]}; a mask must have its image's size."
         )
-    counts = np.bincount(mask.ravel(), minlength=256)
+    counts = value_histogram(mask)
     valid = np.zeros(256, dtype=bool)
     valid[: num_classes + 1] = True
     valid[IGNORE_INDEX] = True
