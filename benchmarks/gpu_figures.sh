@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures of the real-scale benchmarks in one short run (each under a time limit, 10 min in all at most):
 # WeakTr's two training steps, the AD-CAM Conformer step and the AFA step with the loader
-# feeding it, each at the paper's sizes in fp32 and bf16, and the loaders with 0 / 4 / 8 workers.
+# feeding it, each at the paper's sizes in fp32 and bf16, the loaders with 0 / 4 / 8 workers,
+# and the inference stages (CAMs, pseudo masks, single- and multi-scale segmentation) of the
+# voc suite's recipes.
 # Every figure goes to OUTDIR (one log per benchmark, plus nvidia-smi's view of the machine).
 #
 #   benchmarks/gpu_figures.sh OUTDIR [VOC2012-folder]     # default: ../shared/data/voc-mini/VOC2012
@@ -30,10 +32,11 @@ run() {  # run NAME SECONDS ARGS...: one benchmark, its output in OUTDIR/NAME.lo
     timeout "$limit" "$py" "$@" > "$out/$name.log" 2>&1 || { echo "   failed or timed out (see $name.log)" | tee -a "$out/summary.log"; status=1; }
     tail -n 12 "$out/$name.log" >> "$out/summary.log"
 }
-run weaktr 120 benchmarks/perf_weaktr.py --config paper --device cuda --bf16 --warmup 2 --iters 10 --json "$out/weaktr.json"
-run adcam_fp32 60 benchmarks/perf_adcam.py --part train --device cuda --arch conformer_s --crop 384 --batch 16 --warmup 2 --iters 10
-run adcam_bf16 60 benchmarks/perf_adcam.py --part train --device cuda --arch conformer_s --crop 384 --batch 16 --warmup 2 --iters 10 --bf16 --channels-last
-run afa_fp32 120 benchmarks/perf_afa.py --suite voc --data "$data" --device cuda --workers 8 --warmup 3 --steps 30
-run afa_bf16 150 benchmarks/perf_afa.py --suite voc --data "$data" --device cuda --workers 8 --warmup 3 --steps 30 --bf16 --profile 2
-run loaders 90 benchmarks/perf_data.py --data "$data" --workers 0 4 8 --images 512 --json "$out/loaders.json"
+run weaktr 100 benchmarks/perf_weaktr.py --config paper --device cuda --bf16 --warmup 2 --iters 10 --json "$out/weaktr.json"
+run adcam_fp32 50 benchmarks/perf_adcam.py --part train --device cuda --arch conformer_s --crop 384 --batch 16 --warmup 2 --iters 10
+run adcam_bf16 50 benchmarks/perf_adcam.py --part train --device cuda --arch conformer_s --crop 384 --batch 16 --warmup 2 --iters 10 --bf16 --channels-last
+run afa_fp32 100 benchmarks/perf_afa.py --suite voc --data "$data" --device cuda --workers 8 --warmup 3 --steps 30
+run afa_bf16 120 benchmarks/perf_afa.py --suite voc --data "$data" --device cuda --workers 8 --warmup 3 --steps 30 --bf16 --profile 2
+run loaders 90 benchmarks/perf_data.py --data "$data" --workers 0 4 8 --images 256 --json "$out/loaders.json"
+run stages 80 benchmarks/perf_stages.py --suite voc --methods cam,weaktr,afa,adcam --data "$data" --device cuda --images 10 --threads 4
 exit $status

@@ -29,6 +29,22 @@ def test_perf_afa_runs_one_synthetic_step_fed_by_the_loader():
     assert iterations == "400"  # the synthetic recipe's AFA iterations
 
 
+@pytest.mark.slow
+def test_perf_stages_times_every_inference_stage_of_each_method():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "perf_stages.py"), "--suite", "synthetic", "--methods", "weaktr,adcam",
+         "--device", "cpu", "--images", "2"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.strip().splitlines()[2:]]
+    stages = ["cams", "pseudo masks", "segment ss", "segment ms"]
+    assert [(r[0], " ".join(r[1:-3])) for r in rows] == [(m, s) for m in ("weaktr", "adcam") for s in stages]
+    for row in rows:
+        ms, images, hours = row[-3:]
+        assert float(ms) > 0 and images in ("10,582", "1,449") and float(hours) >= 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script would run its 10-minute measurement")
 def test_gpu_figures_stops_at_once_without_a_cuda_device(tmp_path):
     """No GPU: exit 2 with a one-line reason before any benchmark runs (no half-empty logs)."""
