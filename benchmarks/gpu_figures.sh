@@ -17,8 +17,12 @@ out=$(realpath -m "${1:?usage: benchmarks/gpu_figures.sh OUTDIR [VOC2012-folder]
 data=$(realpath -m "${2:-$(dirname "$0")/../../shared/data/voc-mini/VOC2012}")
 cd "$(dirname "$0")/.." || exit 2
 py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+if ! "$py" -c "import torch" 2>/dev/null; then
+    echo "gpu_figures: $py has no torch; nothing measured (set PYTHON to the project's Python, or run make install)" >&2
+    exit 2
+fi
 if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    echo "gpu_figures: $py has no torch or sees no CUDA device; nothing measured (set PYTHON to the project's Python)" >&2
+    echo "gpu_figures: $py sees no CUDA device; nothing measured" >&2
     exit 2
 fi
 mkdir -p "$out"

@@ -113,7 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "voc-mini" / "VOC2012")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--images", type=int, default=256, help="images timed per loader and worker count")
+    parser.add_argument("--images", type=int, default=256, help="images timed per loader and worker count, at least (and at least 4 batches per worker); "
+                        "read / augment ms average over this many samples of the split")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--label-file", action="store_true",
                         help="also time the mask-free loops with labels from a cls_labels.npy (full VOC's case)")

@@ -13,12 +13,14 @@ stand for train_aug's):
 * ``segment ss`` / ``segment ms``: ``Method.segment(image, multiscale=False / True)`` on val
   images (stage 5; the dense CRF on the CPU is not included).
 
-It prints ms per image and the hours each would take over VOC (10,582 train_aug images for
-CAMs and pseudo masks, 1,449 val images for stage 5). The first image of each row is a warm-up.
+It prints ms per image and, for a VOC suite, the hours each would take over VOC (10,582
+train_aug images for CAMs and pseudo masks, 1,449 val images for stage 5; "-" for other
+suites, whose images are not VOC-sized). The first image of each row is a warm-up.
 The training stages have their own benchmarks (``perf_weaktr.py``, ``perf_afa.py``,
 ``perf_adcam.py``).
 
     python benchmarks/perf_stages.py --suite synthetic --methods weaktr,afa,adcam --images 4
+    python benchmarks/perf_stages.py --suite voc --methods cam,weaktr,afa,adcam --threads 2 --images 3
     python benchmarks/perf_stages.py --suite voc --device cuda --images 20 [--bf16]
 """
 
@@ -107,9 +109,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--bf16", action="store_true", help="set every method's bf16 option")
     args = parser.parse_args()
+    if args.images < 2:
+        parser.error("--images must be at least 2: the first image of each row is a warm-up")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     suite = load_suite(args.suite)
+    if suite.dataset == "voc" and not args.data.is_dir():
+        sys.exit(f"perf_stages: {args.data} not found (the voc-mini files); pass --data VOC2012-folder")
+    voc = suite.dataset == "voc"  # projected VOC hours only from VOC-sized images
     with tempfile.TemporaryDirectory(prefix="wsss-perf-stages-") as scratch:
         root = args.data if suite.dataset == "voc" else None
         dataset = create_dataset(suite.dataset, root, Path(scratch), suite.dataset_options)
@@ -125,7 +132,8 @@ def main() -> None:
                 samples = [split[i] for i in range(min(args.images, len(split)))]
                 ms = time_per_image(samples, inputs, run, device)
                 n = VOC_IMAGES[role]
-                print(f"{name:8s} {stage:14s} {ms:9.1f} {n:10,d} {ms * n / 3.6e6:7.2f}")
+                hours = f"{ms * n / 3.6e6:7.2f}" if voc else f"{'-':>7s}"
+                print(f"{name:8s} {stage:14s} {ms:9.1f} {n:10,d} {hours}")
             refine = suite.method_params.get(name, {}).get("refine", "none")
             if refine != "none":
                 print(f"{'':8s} (the suite makes {name}'s pseudo masks with refine = {refine!r}, harness/refine.py: not timed here)")

@@ -42,7 +42,7 @@ def test_perf_stages_times_every_inference_stage_of_each_method():
     assert [(r[0], " ".join(r[1:-3])) for r in rows] == [(m, s) for m in ("weaktr", "adcam") for s in stages]
     for row in rows:
         ms, images, hours = row[-3:]
-        assert float(ms) > 0 and images in ("10,582", "1,449") and float(hours) >= 0
+        assert float(ms) > 0 and images in ("10,582", "1,449") and hours == "-"  # synthetic images: no VOC hours
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script would run its 10-minute measurement")
