@@ -166,8 +166,6 @@ class ResizedMask:
         self._source = np.pad(mask.numpy(), ((0, 1), (0, 1)), constant_values=IGNORE_INDEX)
         self._rows = np.concatenate([nearest_source_index(h, size[0]), np.full(max(0, crop - size[0]), h)])
         self._cols = np.concatenate([nearest_source_index(w, size[1]), np.full(max(0, crop - size[1]), w)])
-        self._planes: np.ndarray | None = None  # (K, H + 1, W + 1) 0/1 per class present, built on demand
-        self._classes = np.zeros(0, np.int64)
         self._count_dtype = np.float32 if crop * crop < 2**24 else np.float64  # integer sums stay exact
 
     @property
@@ -187,17 +185,21 @@ class ResizedMask:
         block of source pixels, each standing for (window rows mapped to its row) x (window
         columns mapped to its column) pixels: per class, 0/1 plane @ column multiplicities
         @ row multiplicities (sums of integers <= crop^2, exact in the float type chosen)."""
-        if self._planes is None:
-            present = np.bincount(self._source.ravel(), minlength=IGNORE_INDEX + 1)[:IGNORE_INDEX]
-            self._classes = np.flatnonzero(present)
-            self._planes = (self._source[None] == self._classes[:, None, None].astype(np.uint8)).astype(self._count_dtype)
+        classes, planes = self._class_planes
         r, c = self._rows[rows], self._cols[cols]
         r0, r1, c0, c1 = r[0], r[-1] + 1, c[0], c[-1] + 1
         row_mult = np.bincount(r - r0, minlength=r1 - r0).astype(self._count_dtype)
         col_mult = np.bincount(c - c0, minlength=c1 - c0).astype(self._count_dtype)
         counts = np.zeros(IGNORE_INDEX, np.int64)
-        counts[self._classes] = (self._planes[:, r0:r1, c0:c1] @ col_mult) @ row_mult
+        counts[classes] = (planes[:, r0:r1, c0:c1] @ col_mult) @ row_mult
         return counts
+
+    @functools.cached_property
+    def _class_planes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(K,) the classes present in the source (255 left out) and (K, H + 1, W + 1) their 0/1
+        planes, built on the first count."""
+        present = np.flatnonzero(np.bincount(self._source.ravel(), minlength=IGNORE_INDEX + 1)[:IGNORE_INDEX])
+        return present, (self._source[None] == present[:, None, None].astype(np.uint8)).astype(self._count_dtype)
 
 
 def random_window(shape: tuple[int, int], crop: int, gen: torch.Generator) -> tuple[slice, slice]:
